@@ -1,0 +1,1 @@
+"""lorapipe: a DVC pipeline that fine-tunes LLMs with LoRA on MLX."""

@@ -1,0 +1,215 @@
+"""params.yaml -> frozen, typed dataclasses.
+
+params.yaml is the single source of every default: each field here is required, so code and
+params.yaml cannot drift apart. Loading rejects unknown or misspelled keys, wrong types and
+out-of-range values with a message naming the key, the value and what is allowed.
+
+YAML is parsed the way DVC parses it (ruamel.yaml, YAML 1.2 "safe"), so `lr: 1e-5` is the float
+DVC sees in `dvc params diff`, not the string PyYAML would return.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+
+from lorapipe.errors import LorapipeError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class ParamsError(LorapipeError):
+    """params.yaml does not describe a valid run."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """Numeric bounds for a field, written `Annotated[int, Range(ge=0)]` and checked on load."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+
+    def check(self, value: float, key: str, source: str) -> None:
+        if self.ge is not None and value < self.ge:
+            raise ParamsError(f"{source}: {key}: {value} is out of range; must be >= {self.ge}")
+        if self.gt is not None and value <= self.gt:
+            raise ParamsError(f"{source}: {key}: {value} is out of range; must be > {self.gt}")
+        if self.le is not None and value > self.le:
+            raise ParamsError(f"{source}: {key}: {value} is out of range; must be <= {self.le}")
+
+
+# --- sections -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PathsParams:
+    """Where each stage writes; dvc.yaml interpolates these (`${paths.base}`)."""
+
+    base: str
+
+
+DType = Literal["float32", "float16", "bfloat16"]
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """The `base` stage: which model to import and how."""
+
+    source: str
+    revision: str | None
+    dtype: DType | None
+    quantize_bits: Literal[2, 3, 4, 5, 6, 8] | None
+    quantize_group_size: Literal[32, 64, 128]
+    trust_remote_code: bool
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: Annotated[int, Range(ge=0)]
+    paths: PathsParams
+    model: ModelParams
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml; raise ParamsError naming the file, key and fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(
+            f"{path}: not found; run lorapipe from the project folder (the one with dvc.yaml), "
+            "or pass --params PATH"
+        )
+    try:
+        data = YAML(typ="safe").load(path.read_text(encoding="utf-8"))
+    except (YAMLError, UnicodeDecodeError) as exc:
+        detail = " ".join(str(exc).split())
+        raise ParamsError(f"{path}: not valid YAML: {detail}") from exc
+    return params_from_dict(data, source=str(path))
+
+
+def params_from_dict(data: Any, source: str = "params") -> Params:
+    return _build(Params, data, prefix="", source=source)
+
+
+def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(data, dict):
+        raise ParamsError(f"{source}: {where} must be a mapping, got {_show(data)}")
+    hints = typing.get_type_hints(cls, include_extras=True)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ParamsError(
+            f"{source}: unknown key '{key}'; {where} allows: {', '.join(fields)}"
+            + _did_you_mean(str(unknown[0]), list(fields))
+        )
+    values = {}
+    for name in fields:
+        key = f"{prefix}{name}"
+        if name not in data:
+            raise ParamsError(f"{source}: missing key '{key}' (see the shipped params.yaml)")
+        values[name] = _coerce(hints[name], data[name], key, source)
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Annotated:
+        value = _coerce(args[0], value, key, source)
+        for extra in hint.__metadata__:
+            if isinstance(extra, Range) and value is not None:
+                extra.check(value, key, source)
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1 and typing.get_origin(options[0]) is Literal and type(None) in args:
+            # `Literal[...] | None`: list null among the allowed values in the message.
+            hint = Literal[(*typing.get_args(options[0]), None)]
+            return _coerce(hint, value, key, source)
+        errors = []
+        for option in options:
+            try:
+                return _coerce(option, value, key, source)
+            except ParamsError as exc:
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ParamsError(f"{source}: {key}: {_show(value)} is not allowed ({_describe(hint)})")
+    if origin is Literal:
+        # bool is an int in Python; `quantize_bits: true` must not pass as 1.
+        if value in args and type(value) in {type(a) for a in args}:
+            return value
+        allowed = ", ".join(_show(a) for a in args)
+        raise ParamsError(f"{source}: {key}: {_show(value)} is not one of {allowed}")
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ParamsError(f"{source}: {key}: expected a list, got {_show(value)}")
+        return tuple(_coerce(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"{source}: {key}: expected a mapping, got {_show(value)}")
+        return {
+            _coerce(args[0], k, key, source): _coerce(args[1], v, f"{key}.{k}", source)
+            for k, v in value.items()
+        }
+    if dataclasses.is_dataclass(hint):
+        return _build(typing.cast(type, hint), value, prefix=f"{key}.", source=source)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and type(value) is hint:
+        return value
+    raise ParamsError(f"{source}: {key}: expected {_describe(hint)}, got {_show(value)}")
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Annotated:
+        return _describe(typing.get_args(hint)[0])
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(_show(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    if dataclasses.is_dataclass(hint):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        hint, str(hint)
+    )
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return str(value)
+
+
+def _did_you_mean(word: str, options: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
