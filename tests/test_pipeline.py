@@ -70,3 +70,58 @@ def test_fresh_clone_imports_the_embedded_model_offline(tmp_path: Path) -> None:
     again = dvc(project, "repro", "base")
     assert again.returncode == 0
     assert "didn't change, skipping" in again.stdout or "up to date" in again.stdout
+
+
+def set_params(project: Path, **values: object) -> None:
+    """Edit params.yaml as a user would (comments kept): set_params(p, **{"split.seed": 7})."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    path = project / "params.yaml"
+    data = yaml.load(path)
+    for dotted, value in values.items():
+        *parents, last = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    yaml.dump(data, path)
+
+
+def ran_stages(result: subprocess.CompletedProcess[str]) -> list[str]:
+    return [
+        line.split("'")[1]
+        for line in result.stdout.splitlines()
+        if line.startswith("Running stage")
+    ]
+
+
+def test_data_stages_with_dvc_repro_and_a_split_seed_change(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    project = copy_repo(tmp_path / "clone")
+    set_params(project, **{"model.source": str(tiny_model_dir)})
+
+    first = dvc(project, "repro", "sanitize")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert ran_stages(first) == ["base", "preprocess", "split", "sanitize"]
+    import json
+
+    data = json.loads((project / "metrics" / "data.json").read_text())
+    pre, spl = data["preprocess"], data["split"]
+    assert pre["rows_in"] == pre["kept"] + pre["rejected"] + pre["quarantined"]
+    assert spl["rows_in"] == pre["kept"]
+    sanitized = {n: s["rows"] + s["quarantined"] for n, s in data["splits"].items()}
+    assert sum(sanitized.values()) == spl["rows_in"] - spl["duplicates_dropped"]
+    for name in ("train", "valid", "test"):
+        lines = (project / "data" / "sanitized" / f"{name}.jsonl").read_text().splitlines()
+        assert len(lines) == data["splits"][name]["rows"] > 0
+    assert "PII and secrets found" in (project / "reports" / "data.md").read_text()
+
+    shown = dvc(project, "metrics", "show")
+    assert "splits.train.rows" in shown.stdout, shown.stdout
+
+    set_params(project, **{"split.seed": 7})
+    second = dvc(project, "repro", "sanitize")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert ran_stages(second) == ["split", "sanitize"]

@@ -1,0 +1,329 @@
+"""`sanitize` stage: per split, validate roles, scrub PII and secrets, enforce the length limit.
+
+Lengths are measured as training sees them: after the chat template, in base-model tokens. A row
+over `sanitize.max_tokens` is dropped, truncated (its last answer is cut) or an error, per
+`sanitize.overlength`; never cut silently. Every row ends in the sanitized split or in
+quarantine.jsonl with its reason, and the data contract (`metrics/data.json`) and report
+(`reports/data.md`) record the counts, never the PII itself.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from lorapipe.errors import LorapipeError
+from lorapipe.io import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_jsonl,
+    atomic_write_text,
+    read_jsonl,
+)
+from lorapipe.params import Params, SanitizeParams
+from lorapipe.stages.split import SPLITS
+
+
+class SanitizeError(LorapipeError):
+    """A row breaks a rule set to `error`, or a split is left empty."""
+
+
+class Tokenizer(Protocol):
+    def lengths(self, conversations: list[dict[str, Any]]) -> list[int]: ...
+    def truncate_answer(self, row: dict[str, Any], max_tokens: int) -> dict[str, Any] | None: ...
+
+
+@dataclass
+class SplitReport:
+    rows_in: int = 0
+    kept: list[dict[str, Any]] = field(default_factory=list)
+    quarantined: list[dict[str, Any]] = field(default_factory=list)
+    truncated: int = 0
+    pii_found: Counter[str] = field(default_factory=Counter)
+    pii_rows: int = 0
+    lengths: list[int] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            "rows_in": self.rows_in,
+            "rows": len(self.kept),
+            "quarantined": len(self.quarantined),
+            "truncated": self.truncated,
+            "rows_with_pii": self.pii_rows,
+            "tokens": _stats(self.lengths),
+        }
+
+
+def role_problem(row: dict[str, Any]) -> str | None:
+    """Why a row's messages are not a trainable conversation, or None.
+
+    Allowed: an optional system message, then user/assistant turns alternating, starting with
+    the user and ending with the assistant (the answer training learns).
+    """
+    if "text" in row:
+        return None if isinstance(row["text"], str) and row["text"].strip() else "empty text"
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "no messages"
+    roles = [m.get("role") for m in messages if isinstance(m, dict)]
+    if len(roles) != len(messages):
+        return "a message is not an object"
+    if roles[0] == "system":
+        roles = roles[1:]
+    if not roles:
+        return "only a system message"
+    for i, role in enumerate(roles):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            return f"turn {i + 1} is {role!r}, expected {expected!r} (user and assistant alternate)"
+    if roles[-1] != "assistant":
+        return "the last message is not the assistant's answer"
+    if any(not isinstance(m.get("content"), str) or not m["content"].strip() for m in messages):
+        return "a message has empty content"
+    return None
+
+
+def sanitize_split(
+    name: str,
+    rows: list[dict[str, Any]],
+    params: SanitizeParams,
+    scrubber: Any,
+    tokenizer: Tokenizer,
+) -> SplitReport:
+    report = SplitReport(rows_in=len(rows))
+    candidates = []
+    for row in rows:
+        problem = role_problem(row)
+        if problem is not None:
+            report.quarantined.append(_quarantine(name, row, "role_order", problem))
+            continue
+        found = _scrub(row, scrubber, params.pii_action)
+        if found:
+            report.pii_found.update(found)
+            report.pii_rows += 1
+            if params.pii_action == "drop":
+                kinds = ", ".join(sorted(found))
+                report.quarantined.append(_quarantine(name, row, "pii", f"contains {kinds}"))
+                continue
+        candidates.append(row)
+
+    lengths = tokenizer.lengths(candidates)
+    for row, length in zip(candidates, lengths, strict=True):
+        if length <= params.max_tokens:
+            report.kept.append(row)
+            report.lengths.append(length)
+            continue
+        detail = (
+            f"{length} tokens after the chat template > sanitize.max_tokens {params.max_tokens}"
+        )
+        if params.overlength == "error":
+            raise SanitizeError(
+                f"{row['meta']['source']} ({name} split): {detail}; raise sanitize.max_tokens, "
+                "or set sanitize.overlength to drop or truncate"
+            )
+        if params.overlength == "truncate":
+            cut = tokenizer.truncate_answer(row, params.max_tokens)
+            if cut is not None:
+                report.kept.append(cut)
+                report.lengths.append(tokenizer.lengths([cut])[0])
+                report.truncated += 1
+                continue
+            detail += " (the prompt alone is too long to truncate the answer)"
+        report.quarantined.append(_quarantine(name, row, "overlength", detail))
+    return report
+
+
+def _scrub(row: dict[str, Any], scrubber: Any, action: str) -> Counter[str]:
+    """Count PII by kind in every message; redact it in place unless the row will be dropped."""
+    found: Counter[str] = Counter()
+    items = [row] if "text" in row else row["messages"]
+    key = "text" if "text" in row else "content"
+    for item in items:
+        if action == "redact":
+            item[key], counts = scrubber.redact(item[key])
+        else:
+            counts = Counter(f.kind for f in scrubber.find(item[key]))
+        found.update(counts)
+    return found
+
+
+def _quarantine(split: str, row: dict[str, Any], reason: str, detail: str) -> dict[str, Any]:
+    source = row.get("meta", {}).get("source", "?")
+    return {"split": split, "source": source, "reason": reason, "detail": detail, "row": row}
+
+
+def _stats(lengths: list[int]) -> dict[str, float]:
+    if not lengths:
+        return {}
+    ordered = sorted(lengths)
+    p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+    return {
+        "min": ordered[0],
+        "median": statistics.median(ordered),
+        "p95": p95,
+        "max": ordered[-1],
+        "total": sum(ordered),
+    }
+
+
+class BaseTokenizer:
+    """Lengths and truncation with the base model's tokenizer and chat template."""
+
+    def __init__(self, base_dir: str) -> None:
+        from lorapipe.tokens import load_base_tokenizer
+
+        self.hf = load_base_tokenizer(base_dir)
+
+    def render(self, row: dict[str, Any]) -> str:
+        if "text" in row:
+            return str(row["text"])
+        return str(self.hf.apply_chat_template(row["messages"], tokenize=False))
+
+    def lengths(self, conversations: list[dict[str, Any]]) -> list[int]:
+        from lorapipe.tokens import count_tokens
+
+        return count_tokens(self.hf, [self.render(row) for row in conversations])
+
+    def truncate_answer(self, row: dict[str, Any], max_tokens: int) -> dict[str, Any] | None:
+        if "text" in row:
+            ids = self.hf(row["text"], add_special_tokens=False)["input_ids"][:max_tokens]
+            return {**row, "text": self.hf.decode(ids)}
+        messages = [dict(m) for m in row["messages"]]
+        answer = self.hf(messages[-1]["content"], add_special_tokens=False)["input_ids"]
+        overflow = self.lengths([row])[0] - max_tokens
+        keep = len(answer) - overflow
+        # Re-tokenizing a cut text can merge differently at the cut: shorten until it fits.
+        while keep > 0:
+            messages[-1]["content"] = self.hf.decode(answer[:keep])
+            cut = {**row, "messages": messages}
+            if messages[-1]["content"].strip() and self.lengths([cut])[0] <= max_tokens:
+                return cut
+            keep -= 1
+        return None
+
+
+def contract(
+    reports: dict[str, SplitReport], upstream: dict[str, Any], params: Params
+) -> dict[str, Any]:
+    """The data contract and catalog: schema, counts, lengths, duplicates, rejections, PII."""
+    first = next((r.kept[0] for r in reports.values() if r.kept), {})
+    pii: Counter[str] = Counter()
+    for report in reports.values():
+        pii.update(report.pii_found)
+    return {
+        "schema": {
+            "format": "text" if "text" in first else "chat",
+            "fields": (
+                {"text": "string", "meta": "object"}
+                if "text" in first
+                else {"messages": "list of {role, content}", "meta": "object"}
+            ),
+            "meta_fields": sorted(first.get("meta", {})),
+        },
+        "files": {name: f"{params.paths.sanitized}/{name}.jsonl" for name in SPLITS},
+        "splits": {name: report.metrics() for name, report in reports.items()},
+        "preprocess": upstream.get("preprocess", {}),
+        "split": upstream.get("split", {}),
+        "pii_found": {kind: pii[kind] for kind in params.sanitize.pii_kinds},
+        "max_tokens": params.sanitize.max_tokens,
+    }
+
+
+def render_report(data: dict[str, Any]) -> str:
+    pre, spl = data["preprocess"], data["split"]
+    split_out = spl.get("rows_in", 0) - spl.get("duplicates_dropped", 0)
+    lines = [
+        "# Data report",
+        "",
+        "Made by `lorapipe sanitize`; the numbers are in `metrics/data.json`.",
+        "",
+        "## Rows through the stages",
+        "",
+        "| stage | in | out | set aside |",
+        "|---|---|---|---|",
+        f"| preprocess | {pre.get('rows_in', '?')} | {pre.get('kept', '?')} | "
+        f"{pre.get('rejected', 0)} rejected, {pre.get('quarantined', 0)} quarantined |",
+        f"| split | {spl.get('rows_in', '?')} | {split_out} | "
+        f"{spl.get('duplicates_dropped', 0)} duplicates |",
+    ]
+    for name, split in data["splits"].items():
+        lines.append(
+            f"| sanitize ({name}) | {split['rows_in']} | {split['rows']} | "
+            f"{split['quarantined']} quarantined, {split['truncated']} truncated |"
+        )
+    lines += [
+        "",
+        f"## Lengths (tokens after the chat template; limit {data['max_tokens']})",
+        "",
+        "| split | rows | min | median | p95 | max |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, split in data["splits"].items():
+        t = split["tokens"]
+        lines.append(
+            f"| {name} | {split['rows']} | {t.get('min', '-')} | {t.get('median', '-')} | "
+            f"{t.get('p95', '-')} | {t.get('max', '-')} |"
+        )
+    reasons = {
+        **{f"rejected: {k}": v for k, v in pre.get("rejected_by_reason", {}).items()},
+        **{f"quarantined: {k}": v for k, v in pre.get("quarantined_by_reason", {}).items()},
+    }
+    lines += ["", "## Set aside, by reason", "", "| reason | rows |", "|---|---|"]
+    lines += [f"| {reason} | {count} |" for reason, count in reasons.items()]
+    lines += [
+        f"| duplicates ({spl.get('groups_with_several_rows', 0)} groups of equal prompts) | "
+        f"{spl.get('duplicates_dropped', 0)} |",
+        "",
+        "## PII and secrets found (counts only)",
+        "",
+        "| kind | found |",
+        "|---|---|",
+    ]
+    lines += [f"| {kind} | {count} |" for kind, count in data["pii_found"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(params: Params) -> None:
+    from lorapipe.pii import Scrubber
+
+    split_dir = Path(params.paths.split)
+    scrubber = Scrubber(params.sanitize.pii_kinds, phone_region=params.sanitize.phone_region)
+    tokenizer = BaseTokenizer(params.paths.base)
+    reports: dict[str, SplitReport] = {}
+    for name in SPLITS:
+        path = split_dir / f"{name}.jsonl"
+        if not path.is_file():
+            raise SanitizeError(f"{path}: not found; run `dvc repro split` (it makes this file)")
+        rows = [line.value for line in read_jsonl(path) if line.value is not None]
+        reports[name] = sanitize_split(name, rows, params.sanitize, scrubber, tokenizer)
+        if rows and not reports[name].kept:
+            reasons = Counter(q["reason"] for q in reports[name].quarantined)
+            raise SanitizeError(
+                f"sanitize: no {name} rows left of {len(rows)} (quarantined by reason: "
+                f"{dict(reasons)}); loosen the rule that removes them (sanitize.max_tokens, "
+                "sanitize.overlength, sanitize.pii_action)"
+            )
+    metrics_dir = Path(params.paths.metrics)
+    upstream = {
+        stage: json.loads((metrics_dir / f"{stage}.json").read_text())
+        for stage in ("preprocess", "split")
+        if (metrics_dir / f"{stage}.json").is_file()
+    }
+    with atomic_dir(Path(params.paths.sanitized)) as out:
+        for name, report in reports.items():
+            atomic_write_jsonl(out / f"{name}.jsonl", report.kept)
+        atomic_write_jsonl(
+            out / "quarantine.jsonl", [q for r in reports.values() for q in r.quarantined]
+        )
+    data = contract(reports, upstream, params)
+    atomic_write_json(metrics_dir / "data.json", data)
+    atomic_write_text(Path(params.paths.reports) / "data.md", render_report(data))
+    print(
+        "sanitize: "
+        + ", ".join(f"{n} {len(r.kept)}/{r.rows_in}" for n, r in reports.items())
+        + f" rows kept; PII found: {dict(data['pii_found'])}"
+    )

@@ -1,0 +1,214 @@
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lorapipe.datasource import DataSourceError, read_source
+from lorapipe.params import Params, RatioLimit, load_params
+from lorapipe.stages.preprocess import PreprocessError, preprocess
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def shipped() -> Params:
+    return load_params(REPO / "params.yaml")
+
+
+def chars(texts: list[str]) -> list[int]:
+    """Token counter stand-in where a test is about the rules, not the tokenizer."""
+    return [len(t) for t in texts]
+
+
+def run(
+    source: Path | str,
+    shipped: Params,
+    count: Callable[[list[str]], list[int]] = chars,
+    data: dict[str, Any] | None = None,
+    pre: dict[str, Any] | None = None,
+):
+    data_params = dataclasses.replace(shipped.data, source=str(source), **(data or {}))
+    pre_params = dataclasses.replace(shipped.preprocess, **(pre or {}))
+    return preprocess(read_source(data_params), data_params, pre_params, count)
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_completions_become_chat_rows_with_their_source(tmp_path: Path, shipped: Params) -> None:
+    path = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [{"id": "a", "kind": "nl", "input": "a long input text here", "output": "short"}],
+    )
+    outcome = run(path, shipped, data={"prompt_template": "Compress:\n{prompt}"})
+    assert outcome.kept == [
+        {
+            "messages": [
+                {"role": "system", "content": shipped.data.system_prompt},
+                {"role": "user", "content": "Compress:\na long input text here"},
+                {"role": "assistant", "content": "short"},
+            ],
+            "meta": {"source": f"{path}:1", "id": "a", "kind": "nl"},
+        }
+    ]
+
+
+def test_artifacts_are_stripped_and_an_empty_answer_is_rejected(
+    tmp_path: Path, shipped: Params
+) -> None:
+    path = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [
+            {"input": "x" * 50, "output": "<think>\nhmm\n</think>\n\nthe answer"},
+            {"input": "x" * 50, "output": '<tool_call>\n{"name": "f"}\n</tool_call>\nanswer 2'},
+            {"input": "x" * 50, "output": "<think>only thinking</think>"},
+        ],
+    )
+    outcome = run(path, shipped)
+    assert [r["messages"][-1]["content"] for r in outcome.kept] == ["the answer", "answer 2"]
+    assert [(r["source"], r["reason"]) for r in outcome.rejected] == [
+        (f"{path}:3", "empty_after_strip")
+    ]
+    assert sum(outcome.stripped.values()) == 3
+
+
+def test_ratio_limits_per_file_in_chars_and_tokens(tmp_path: Path, shipped: Params) -> None:
+    row = {"input": "0123456789", "output": "012345678"}  # 0.9 chars
+    nl = write_jsonl(tmp_path / "nl_pairs.jsonl", [row])
+    code = write_jsonl(tmp_path / "code_pairs.jsonl", [row])
+    limits = (
+        RatioLimit("nl_*", max_char_ratio=0.85, max_token_ratio=None),
+        RatioLimit("*", max_char_ratio=1.0, max_token_ratio=0.5),
+    )
+    outcome = run(tmp_path / "*.jsonl", shipped, pre={"ratio_limits": limits})
+    assert sorted((r["source"], r["reason"]) for r in outcome.rejected) == [
+        (f"{code}:1", "token_ratio"),
+        (f"{nl}:1", "char_ratio"),
+    ]
+    assert run(tmp_path / "*.jsonl", shipped, pre={"ratio_limits": ()}).kept[1]["meta"] == {
+        "source": f"{nl}:1"
+    }
+
+
+def test_token_ratio_uses_the_tokenizer(tiny_model_dir: Path, tmp_path: Path, shipped: Params):
+    from lorapipe.tokens import count_tokens, load_base_tokenizer
+
+    tokenizer = load_base_tokenizer(tiny_model_dir)
+    # Same characters, very different token counts: digits the tiny BPE learned vs. rare bytes.
+    path = write_jsonl(tmp_path / "p.jsonl", [{"input": "0123456789" * 3, "output": "ŧ€ʬ" * 3}])
+    limits = (RatioLimit("*", max_char_ratio=None, max_token_ratio=1.0),)
+    outcome = run(path, shipped, lambda t: count_tokens(tokenizer, t), pre={"ratio_limits": limits})
+    assert [r["reason"] for r in outcome.rejected] == ["token_ratio"]
+
+
+BAD_LINES = [
+    (b'{"input": "x", "output": 3}', "wrong_type"),
+    (b'{"input": "x"}', "missing_field"),
+    (b'{"input": "  ", "output": "y"}', "empty_field"),
+    (b'{"input": "x", "output": ', "invalid_json"),
+    (b'["input", "output"]', "not_object"),
+    (b'{"input": "\xff", "output": "y"}', "invalid_utf8"),
+]
+
+
+def test_malformed_lines_are_quarantined_with_reason_and_nothing_is_lost(
+    tmp_path: Path, shipped: Params
+) -> None:
+    good = b'{"input": "a long enough input", "output": "short"}'
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b"\n".join([good, *(line for line, _ in BAD_LINES), b"", good]))
+    outcome = run(path, shipped)
+    assert len(outcome.kept) == 2
+    assert [(q["source"], q["reason"]) for q in outcome.quarantined] == [
+        (f"{path}:{i}", reason) for i, (_, reason) in enumerate(BAD_LINES, start=2)
+    ]
+    metrics = outcome.metrics()
+    assert metrics["rows_in"] == 8 == metrics["kept"] + metrics["rejected"] + metrics["quarantined"]
+
+
+def test_on_error_raise_names_file_line_and_fix(tmp_path: Path, shipped: Params) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"input": "a long enough input", "output": "short"}\n{"input": "x"}\n')
+    with pytest.raises(PreprocessError) as info:
+        run(path, shipped, pre={"on_error": "raise"})
+    assert str(info.value) == (
+        f"{path}:2: field 'output' is missing; fix the record, or set preprocess.on_error: "
+        "quarantine to set it aside"
+    )
+
+
+def test_chat_format_with_a_field_map(tmp_path: Path, shipped: Params) -> None:
+    path = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {"conv": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            {"conv": [{"role": "robot", "content": "hi"}]},
+            {"conv": "not a list"},
+        ],
+    )
+    fields = dataclasses.replace(shipped.data.fields, messages="conv")
+    outcome = run(
+        path,
+        shipped,
+        data={"format": "chat", "fields": fields, "system_prompt": None},
+        pre={"ratio_limits": ()},
+    )
+    assert outcome.kept[0]["messages"][0] == {"role": "user", "content": "hi"}
+    assert [q["reason"] for q in outcome.quarantined] == ["bad_role", "wrong_type"]
+
+
+def test_text_format_and_csv_json_parquet_sources(tmp_path: Path, shipped: Params) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"body": "first text"}, {"body": "second text"}]
+    write_jsonl(tmp_path / "a.jsonl", rows)
+    (tmp_path / "b.json").write_text(json.dumps(rows))
+    with open(tmp_path / "c.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["body"])
+        writer.writeheader()
+        writer.writerows(rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    fields = dataclasses.replace(shipped.data.fields, text="body")
+    outcome = run(tmp_path, shipped, data={"format": "text", "fields": fields})
+    assert [r["text"] for r in outcome.kept] == ["first text", "second text"] * 4
+    assert [r["meta"]["source"] for r in outcome.kept[4:6]] == [
+        f"{tmp_path / 'c.csv'}:2",
+        f"{tmp_path / 'c.csv'}:3",
+    ]
+
+
+def test_missing_or_empty_sources_are_one_line_errors(tmp_path: Path, shipped: Params) -> None:
+    with pytest.raises(DataSourceError, match="does not exist"):
+        run(tmp_path / "nope.jsonl", shipped)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataSourceError, match="contains no .jsonl"):
+        run(tmp_path / "empty", shipped)
+
+
+def test_demo_data_counts_match_its_manifest(shipped: Params) -> None:
+    """The shipped demo data has each defect at a known count; preprocess finds exactly those."""
+    manifest = json.loads((REPO / "data" / "raw" / "manifest.json").read_text())["files"]
+    limits = tuple(
+        dataclasses.replace(r, max_token_ratio=None) for r in shipped.preprocess.ratio_limits
+    )
+    data = dataclasses.replace(shipped.data, source=str(REPO / "data/raw/*.jsonl"))
+    outcome = preprocess(
+        read_source(data), data, dataclasses.replace(shipped.preprocess, ratio_limits=limits), chars
+    )
+    m = outcome.metrics()
+    total = lambda key: sum(f[key] for f in manifest.values())  # noqa: E731
+    defect = lambda key: sum(f["defects"][key]["count"] for f in manifest.values())  # noqa: E731
+    malformed = sum(f["malformed"]["count"] for f in manifest.values())
+    assert m["rows_in"] == total("rows") + malformed
+    assert m["rows_in"] == m["kept"] + m["rejected"] + m["quarantined"]
+    assert m["quarantined"] == malformed + defect("empty")
+    assert m["rejected_by_reason"] == {"char_ratio": defect("ratio")}
+    assert sum(outcome.stripped.values()) == defect("think") + defect("tool_call")
