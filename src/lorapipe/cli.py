@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,43 @@ STAGES = [
         "file (llama family), a local Hugging Face or mlx-lm model folder, or a Hub id (org/name) "
         "at `model.revision`. Casts to `model.dtype` and optionally quantizes "
         "(`model.quantize_bits`, for QLoRA). Writes `paths.base` atomically.",
+    ),
+    Stage(
+        "preprocess",
+        "normalize raw data to one chat schema, strip artifacts, filter by length ratio",
+        "Read `data.source` (JSONL/JSON/CSV/Parquet files, a folder or glob of them, or a Hub "
+        "dataset at `data.revision`) in `data.format` (chat, completions or text, with "
+        "`data.fields` naming your columns). Strips `preprocess.strip_patterns` from outputs and "
+        "applies `preprocess.ratio_limits`. Writes rows.jsonl, rejected.jsonl and "
+        "quarantine.jsonl to `paths.preprocessed` (rows in = kept + rejected + quarantined) and "
+        "metrics/preprocess.json.",
+    ),
+    Stage(
+        "split",
+        "split rows into train/valid/test by ratios and seed, duplicates grouped",
+        "Split `paths.preprocessed`/rows.jsonl by `split.ratios` and `split.seed`, the same on "
+        "every machine. Rows with equal prompts (ignoring case, spaces, punctuation) stay in one "
+        "split; `split.duplicates: drop` keeps one of each set of equal rows; `split.stratify` "
+        "keeps a column's values in proportion. Writes `paths.split` and metrics/split.json.",
+    ),
+    Stage(
+        "sanitize",
+        "validate roles, scrub PII and secrets, enforce the token limit; data contract + report",
+        "For each split: checks role order, finds emails, phone numbers, API keys and IP "
+        "addresses (`sanitize.pii_kinds`; redacted or dropped per `sanitize.pii_action`), and "
+        "measures rows after the chat template in base-model tokens (over `sanitize.max_tokens`: "
+        "drop, truncate or error). Writes `paths.sanitized`, metrics/data.json (the data "
+        "contract: schema, counts, token lengths, PII counts) and reports/data.md.",
+    ),
+    Stage(
+        "train",
+        "fine-tune with LoRA/DoRA/full on the sanitized splits; resumable; DVCLive metrics",
+        "Train `paths.base` on `paths.sanitized` train/valid with the `lora` and `train` params. "
+        "Logs train loss, learning rate, tokens/s, trained tokens and peak memory (DVCLive, "
+        "`paths.train_log`; `tail -f` the train.log in `paths.checkpoints`). Checkpoints every "
+        "`train.save_every` steps and on Ctrl-C; re-running resumes from the last one. A "
+        "non-finite loss stops with the last good checkpoint kept. Writes the best (or last) "
+        "adapter to `paths.adapters` (an mlx-lm adapter folder) and metrics/train.json.",
     ),
 ]
 
@@ -87,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # transformers warns that PyTorch is missing (MLX needs none) and about long rows that the
+    # data stages measure on purpose; keep the output to what users act on.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         # Before anything imports mlx.core: on Linux CPU this swaps in an optimized BLAS.
         runtime.setup()

@@ -11,6 +11,7 @@ DVC sees in `dvc params diff`, not the string PyYAML would return.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -54,6 +55,14 @@ class PathsParams:
     """Where each stage writes; dvc.yaml interpolates these (`${paths.base}`)."""
 
     base: str
+    preprocessed: str
+    split: str
+    sanitized: str
+    metrics: str
+    reports: str
+    adapters: str
+    checkpoints: str
+    train_log: str
 
 
 DType = Literal["float32", "float16", "bfloat16"]
@@ -72,10 +81,120 @@ class ModelParams:
 
 
 @dataclass(frozen=True)
+class FieldMap:
+    """Which column of the user's data holds each lorapipe field (null: not used)."""
+
+    messages: str
+    prompt: str
+    completion: str
+    text: str
+    system: str | None
+
+
+@dataclass(frozen=True)
+class DataParams:
+    """The `preprocess` stage's input: where the raw data is and how to read it."""
+
+    source: str
+    revision: str | None
+    hf_config: str | None
+    hf_split: str
+    format: Literal["chat", "completions", "text"]
+    fields: FieldMap
+    prompt_template: str
+    system_prompt: str | None
+    keep_fields: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RatioLimit:
+    """Maximum output/input length ratio for the raw files whose name matches `files`."""
+
+    files: str
+    max_char_ratio: Annotated[float, Range(gt=0)] | None
+    max_token_ratio: Annotated[float, Range(gt=0)] | None
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    on_error: Literal["quarantine", "raise"]
+    strip_patterns: tuple[str, ...]
+    ratio_limits: tuple[RatioLimit, ...]
+
+
+@dataclass(frozen=True)
+class SplitRatios:
+    train: Annotated[float, Range(gt=0, le=1)]
+    valid: Annotated[float, Range(ge=0, le=1)]
+    test: Annotated[float, Range(ge=0, le=1)]
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    seed: Annotated[int, Range(ge=0)]
+    ratios: SplitRatios
+    stratify: str | None
+    duplicates: Literal["drop", "keep"]
+
+
+@dataclass(frozen=True)
+class SanitizeParams:
+    max_tokens: Annotated[int, Range(ge=8)]
+    overlength: Literal["drop", "truncate", "error"]
+    pii_kinds: tuple[Literal["email", "phone", "api_key", "ip_address"], ...]
+    pii_action: Literal["redact", "drop"]
+    phone_region: str
+
+
+@dataclass(frozen=True)
+class LoraParams:
+    """What is trained: the adapter's shape (mlx-lm's adapter_config.json)."""
+
+    fine_tune_type: Literal["lora", "dora", "full"]
+    rank: Annotated[int, Range(ge=1)]
+    scale: Annotated[float, Range(gt=0)]
+    dropout: Annotated[float, Range(ge=0, le=0.9)]
+    num_layers: Annotated[int, Range(ge=-1)]
+    keys: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """How it is trained (`lorapipe train`)."""
+
+    iters: Annotated[int, Range(ge=1)] | None
+    epochs: Annotated[float, Range(gt=0)] | None
+    batch_size: Annotated[int, Range(ge=1)]
+    grad_accumulation_steps: Annotated[int, Range(ge=1)]
+    max_seq_length: Annotated[int, Range(ge=8)]
+    mask_prompt: bool
+    grad_checkpoint: bool
+    optimizer: Literal["adamw", "adam", "sgd", "adafactor"]
+    learning_rate: Annotated[float, Range(gt=0)]
+    weight_decay: Annotated[float, Range(ge=0)]
+    lr_schedule: Literal["constant", "cosine", "linear"]
+    warmup_steps: Annotated[int, Range(ge=0)]
+    min_lr_ratio: Annotated[float, Range(ge=0, le=1)]
+    steps_per_report: Annotated[int, Range(ge=1)]
+    steps_per_eval: Annotated[int, Range(ge=1)]
+    val_batches: Annotated[int, Range(ge=-1)]
+    save_every: Annotated[int, Range(ge=1)]
+    keep: Literal["best", "last"]
+    early_stopping_patience: Annotated[int, Range(ge=1)] | None
+    early_stopping_min_delta: Annotated[float, Range(ge=0)]
+
+
+@dataclass(frozen=True)
 class Params:
     seed: Annotated[int, Range(ge=0)]
     paths: PathsParams
     model: ModelParams
+    data: DataParams
+    preprocess: PreprocessParams
+    split: SplitParams
+    sanitize: SanitizeParams
+    lora: LoraParams
+    train: TrainParams
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -98,7 +217,36 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
 
 
 def params_from_dict(data: Any, source: str = "params") -> Params:
-    return _build(Params, data, prefix="", source=source)
+    params: Params = _build(Params, data, prefix="", source=source)
+    _check_together(params, source)
+    return params
+
+
+def _check_together(params: Params, source: str) -> None:
+    """Rules that span several keys, or need more than a type to check."""
+    ratios = params.split.ratios
+    total = ratios.train + ratios.valid + ratios.test
+    if abs(total - 1.0) > 1e-6:
+        raise ParamsError(
+            f"{source}: split.ratios: train + valid + test = {total:g}; they must add up to 1"
+        )
+    if (params.train.iters is None) == (params.train.epochs is None):
+        raise ParamsError(
+            f"{source}: train.iters and train.epochs: set exactly one of them (the other null)"
+        )
+    for i, pattern in enumerate(params.preprocess.strip_patterns):
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ParamsError(
+                f"{source}: preprocess.strip_patterns[{i}]: {pattern!r} is not a valid regular "
+                f"expression ({exc})"
+            ) from exc
+    if params.data.format == "completions" and "{prompt}" not in params.data.prompt_template:
+        raise ParamsError(
+            f"{source}: data.prompt_template: {params.data.prompt_template!r} must contain "
+            "{prompt}, where the prompt text goes"
+        )
 
 
 def _build(cls: type, data: Any, prefix: str, source: str) -> Any:

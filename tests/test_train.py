@@ -1,0 +1,244 @@
+"""The train stage on the tiny model: masking, resume after SIGKILL and Ctrl-C, the NaN guard."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import REPO
+
+ITERS = 240
+
+
+def make_rows(n: int, seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    names = ["Alice", "Bob", "Chen", "Dana", "Emil", "Fay"]
+    rows = []
+    for i in range(n):
+        who, day = rng.choice(names), rng.randint(1, 28)
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "Compress the text."},
+                    {"role": "user", "content": f"Please meet {who} on day {day} about item {i}."},
+                    {"role": "assistant", "content": f"meet | {who} | day {day} | item {i}"},
+                ],
+                "meta": {"source": f"rows.jsonl:{i + 1}"},
+            }
+        )
+    return rows
+
+
+@pytest.fixture
+def train_project(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    from ruamel.yaml import YAML
+
+    project = tmp_path / "project"
+    (project / "data" / "sanitized").mkdir(parents=True)
+    shutil.copytree(tiny_model_dir, project / "models" / "base")
+    for name, n, seed in (("train", 48, 1), ("valid", 8, 2)):
+        path = project / "data" / "sanitized" / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in make_rows(n, seed)))
+    yaml = YAML()
+    params = yaml.load(REPO / "params.yaml")
+    params["train"].update(
+        iters=ITERS, epochs=None, batch_size=4, save_every=20, steps_per_report=10,
+        steps_per_eval=40, val_batches=-1, warmup_steps=5,
+    )  # fmt: skip
+    params["lora"]["dropout"] = 0.1  # dropout draws random numbers: resume must restore the RNG
+    yaml.dump(params, project / "params.yaml")
+    return project
+
+
+def set_train(project: Path, section: str = "train", **values: Any) -> None:
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    params = yaml.load(project / "params.yaml")
+    params[section].update(values)
+    yaml.dump(params, project / "params.yaml")
+
+
+def start(project: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "lorapipe.cli", "train"],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def train(project: Path) -> subprocess.CompletedProcess[str]:
+    proc = start(project)
+    out, err = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def wait_for_checkpoint(project: Path, proc: subprocess.Popen[str], step: int) -> None:
+    latest = project / "models" / "checkpoints" / "latest.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if latest.is_file() and json.loads(latest.read_text())["step"] >= step:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.002)
+    raise AssertionError("no checkpoint in time")
+
+
+def outcome(project: Path) -> tuple[dict[str, Any], list[str], list[str]]:
+    import mlx.core as mx
+
+    adapters = mx.load(str(project / "models" / "adapters" / "adapters.safetensors"))
+    log = project / "dvclive" / "train" / "plots" / "metrics"
+    losses = [
+        (log / "train" / "loss.tsv").read_text().splitlines(),
+        (log / "val" / "loss.tsv").read_text().splitlines(),
+    ]
+    # Drop the timestamp column: only steps and values must match.
+    train_loss, val_loss = ([line.split("\t")[-2:] for line in rows] for rows in losses)
+    return adapters, train_loss, val_loss
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    import mlx.core as mx
+
+    adapters_a, train_a, val_a = outcome(a)
+    adapters_b, train_b, val_b = outcome(b)
+    assert adapters_a.keys() == adapters_b.keys()
+    for name in adapters_a:
+        assert mx.allclose(adapters_a[name], adapters_b[name], rtol=1e-5, atol=1e-6), name
+    assert train_a == train_b and val_a == val_b
+    assert len(train_a) == ITERS // 10 + 1  # header + one row per report
+
+
+@pytest.fixture
+def uninterrupted(train_project: Path, tmp_path: Path) -> Path:
+    reference = tmp_path / "reference"
+    shutil.copytree(train_project, reference)
+    result = train(reference)
+    assert result.returncode == 0, result.stderr
+    return reference
+
+
+def test_kill_then_resume_gives_the_uninterrupted_result(
+    train_project: Path, uninterrupted: Path
+) -> None:
+    proc = start(train_project)
+    wait_for_checkpoint(train_project, proc, ITERS // 2)
+    proc.send_signal(signal.SIGKILL)  # no handler runs: like a power cut
+    proc.communicate()
+
+    resumed = train(train_project)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from models/checkpoints/step-" in resumed.stdout
+    assert_same_run(train_project, uninterrupted)
+    summary = json.loads((train_project / "metrics" / "train.json").read_text())
+    assert summary["steps"] == ITERS
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(
+    train_project: Path, uninterrupted: Path
+) -> None:
+    proc = start(train_project)
+    wait_for_checkpoint(train_project, proc, 20)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "SIGINT at step" in err and "run `dvc repro train` to resume" in err
+    assert not (train_project / "models" / "adapters").exists(), "no complete-looking output"
+
+    resumed = train(train_project)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(train_project, uninterrupted)
+
+
+def test_the_adapter_loads_in_plain_mlx_lm_and_changes_the_model(uninterrupted: Path) -> None:
+    import mlx.core as mx
+    from mlx_lm import load
+
+    base, tokenizer = load(str(uninterrupted / "models" / "base"))
+    tuned, _ = load(
+        str(uninterrupted / "models" / "base"),
+        adapter_path=str(uninterrupted / "models" / "adapters"),
+    )
+    ids = mx.array([tokenizer.encode("Please meet Alice on day 3 about item 7.")])
+    assert not mx.allclose(base(ids), tuned(ids))
+    config = json.loads((uninterrupted / "models" / "adapters" / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == "lora" and config["lora_parameters"]["rank"] == 8
+
+    summary = json.loads((uninterrupted / "metrics" / "train.json").read_text())
+    assert summary["best_val_loss"] <= summary["final_val_loss"]
+    val = (uninterrupted / "dvclive/train/plots/metrics/val/loss.tsv").read_text().splitlines()
+    first, best = float(val[1].split("\t")[-1]), summary["best_val_loss"]
+    assert best < 0.5 * first, "the tiny model learns the task"
+
+
+def test_a_changed_param_starts_fresh_with_a_message(uninterrupted: Path) -> None:
+    set_train(uninterrupted, "lora", rank=4)
+    result = train(uninterrupted)
+    assert result.returncode == 0, result.stderr
+    assert "was made with other params, data or base model: training from step 0" in result.stdout
+
+
+def test_non_finite_loss_stops_naming_the_step_and_checkpoint(train_project: Path) -> None:
+    set_train(
+        train_project, optimizer="sgd", learning_rate=1.0e30, lr_schedule="constant", warmup_steps=0
+    )
+    result = train(train_project)
+    assert result.returncode == 1
+    assert "non-finite loss or gradient at step" in result.stderr
+    assert "the last good checkpoint is kept in models/checkpoints" in result.stderr
+    assert not (train_project / "models" / "adapters").exists()
+
+
+def test_rows_longer_than_max_seq_length_fail_early(train_project: Path) -> None:
+    set_train(train_project, max_seq_length=16)
+    result = train(train_project)
+    assert result.returncode == 1
+    assert "train.max_seq_length: 16 is shorter than the longest train row" in result.stderr
+
+
+def test_every_assistant_turn_is_learned_and_nothing_else(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from lorapipe.stages.train import encode
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    row = {
+        "messages": [
+            {"role": "system", "content": "sys"},
+            {"role": "user", "content": "first question"},
+            {"role": "assistant", "content": "first answer"},
+            {"role": "user", "content": "second question"},
+            {"role": "assistant", "content": "second answer"},
+        ]
+    }
+    example = encode(row, tokenizer, mask_prompt=True)
+    learned = tokenizer.decode([t for t, m in zip(example.tokens, example.targets) if m])
+    assert learned == "first answer<|im_end|>\nsecond answer<|im_end|>\n"
+    unmasked = encode(row, tokenizer, mask_prompt=False)
+    assert sum(unmasked.targets) == len(unmasked.tokens) - 1
+
+
+def test_a_batch_without_targets_gives_zero_loss_not_nan(tiny_model_dir: Path) -> None:
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from lorapipe.stages.train import masked_loss
+
+    model, _ = load(str(tiny_model_dir))
+    tokens = mx.array([[1, 2, 3, 4, 5]])
+    loss, count = masked_loss(model, tokens, mx.zeros((1, 5)))
+    assert loss.item() == 0.0 and count.item() == 0
