@@ -39,11 +39,10 @@ def make_rows(n: int, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
-@pytest.fixture
-def train_project(tmp_path: Path, tiny_model_dir: Path) -> Path:
+def make_project(project: Path, tiny_model_dir: Path) -> Path:
+    """A project folder with the tiny model as its base and small sanitized splits."""
     from ruamel.yaml import YAML
 
-    project = tmp_path / "project"
     (project / "data" / "sanitized").mkdir(parents=True)
     shutil.copytree(tiny_model_dir, project / "models" / "base")
     for name, n, seed in (("train", 48, 1), ("valid", 8, 2)):
@@ -52,12 +51,23 @@ def train_project(tmp_path: Path, tiny_model_dir: Path) -> Path:
     yaml = YAML()
     params = yaml.load(REPO / "params.yaml")
     params["train"].update(
-        iters=ITERS, epochs=None, batch_size=4, save_every=20, steps_per_report=10,
-        steps_per_eval=40, val_batches=-1, warmup_steps=5,
-    )  # fmt: skip
+        iters=ITERS,
+        epochs=None,
+        batch_size=4,
+        save_every=20,
+        steps_per_report=10,
+        steps_per_eval=40,
+        val_batches=-1,
+        warmup_steps=5,
+    )
     params["lora"]["dropout"] = 0.1  # dropout draws random numbers: resume must restore the RNG
     yaml.dump(params, project / "params.yaml")
     return project
+
+
+@pytest.fixture
+def train_project(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    return make_project(tmp_path / "project", tiny_model_dir)
 
 
 def set_train(project: Path, section: str = "train", **values: Any) -> None:
@@ -69,9 +79,9 @@ def set_train(project: Path, section: str = "train", **values: Any) -> None:
     yaml.dump(params, project / "params.yaml")
 
 
-def start(project: Path) -> subprocess.Popen[str]:
+def start(project: Path, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "lorapipe.cli", "train"],
+        [sys.executable, "-m", "lorapipe.cli", *(args or ("train",))],
         cwd=project,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -80,10 +90,14 @@ def start(project: Path) -> subprocess.Popen[str]:
     )
 
 
-def train(project: Path) -> subprocess.CompletedProcess[str]:
-    proc = start(project)
+def cli(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    proc = start(project, *args)
     out, err = proc.communicate(timeout=600)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def train(project: Path) -> subprocess.CompletedProcess[str]:
+    return cli(project, "train")
 
 
 def wait_for_checkpoint(project: Path, proc: subprocess.Popen[str], step: int) -> None:

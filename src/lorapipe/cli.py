@@ -71,6 +71,30 @@ STAGES = [
         "non-finite loss stops with the last good checkpoint kept. Writes the best (or last) "
         "adapter to `paths.adapters` (an mlx-lm adapter folder) and metrics/train.json.",
     ),
+    Stage(
+        "fuse",
+        "merge the adapter into the base model and check the merge",
+        "Merge `paths.adapters` into `paths.base` (on dequantized weights when the base is "
+        "quantized) and write `paths.fused`, an mlx-lm model folder. Fails, writing nothing, if "
+        "the fused model and base + adapter disagree on `fuse.check_prompts` validation prompts "
+        "(logits beyond `fuse.logits_rtol`, or different greedy tokens). `fuse.export_gguf` also "
+        "writes an f16 GGUF for llama.cpp (llama-family models).",
+    ),
+    Stage(
+        "quantize",
+        "quantize the fused model; record size and validation-loss cost",
+        "Quantize `paths.fused` to `quantize.bits` (mlx-lm's quantization) into "
+        "`paths.quantized`; metrics/quantize.json records the size on disk and the validation "
+        "loss and perplexity before and after.",
+    ),
+    Stage(
+        "eval",
+        "score base, tuned and quantized models on the test split; write the report",
+        "For each of `eval.models`: test loss and perplexity, and batched greedy generations "
+        "scored by `eval.metrics` (exact match, field F1, token F1, chrF, compression ratio). "
+        "Writes metrics/eval.json, reports/eval_scores.json (plots), reports/generations.jsonl "
+        "and reports/eval.md.",
+    ),
 ]
 
 
@@ -90,6 +114,20 @@ def _doctor(args: argparse.Namespace) -> None:
     width = max(map(len, info))
     for key, value in info.items():
         print(f"{key:<{width}}  {value}")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from lorapipe import generate
+    from lorapipe.params import load_params
+
+    generate.generate_once(load_params(args.params), args.prompt, args.model)
+
+
+def _chat(args: argparse.Namespace) -> None:
+    from lorapipe import generate
+    from lorapipe.params import load_params
+
+    generate.chat(load_params(args.params), args.model)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +158,26 @@ def build_parser() -> argparse.ArgumentParser:
         "BLAS serves MLX's CPU matmuls (set LORAPIPE_BLAS=bundled to compare), and versions.",
     )
     doctor.set_defaults(func=_doctor)
+    generate = commands.add_parser(
+        "generate",
+        help="generate from the best available model (quantized, fused, adapter, base)",
+        description="Answer PROMPT with the first model in `generate.prefer` that the pipeline "
+        "has made, with the training's system prompt, prompt template and chat template. "
+        "Sampling: `generate.temperature` (0: greedy), `generate.top_p`, `generate.max_tokens`.",
+    )
+    generate.add_argument("prompt", help="the text to send (as the user turn)")
+    generate.add_argument("--params", default="params.yaml", metavar="PATH")
+    generate.add_argument("--model", metavar="NAME", help="quantized, fused, adapters or base")
+    generate.set_defaults(func=_generate)
+    chat = commands.add_parser(
+        "chat",
+        help="chat interactively with the best available model",
+        description="An interactive chat (multi-turn) with the model `lorapipe generate` "
+        "would load. Empty line or Ctrl-D to quit.",
+    )
+    chat.add_argument("--params", default="params.yaml", metavar="PATH")
+    chat.add_argument("--model", metavar="NAME", help="quantized, fused, adapters or base")
+    chat.set_defaults(func=_chat)
     return parser
 
 

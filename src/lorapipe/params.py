@@ -63,6 +63,8 @@ class PathsParams:
     adapters: str
     checkpoints: str
     train_log: str
+    fused: str
+    quantized: str
 
 
 DType = Literal["float32", "float16", "bfloat16"]
@@ -185,6 +187,47 @@ class TrainParams:
 
 
 @dataclass(frozen=True)
+class FuseParams:
+    check_prompts: Annotated[int, Range(ge=1)]
+    check_tokens: Annotated[int, Range(ge=1)]
+    logits_rtol: Annotated[float, Range(gt=0)]
+    export_gguf: bool
+
+
+@dataclass(frozen=True)
+class QuantizeParams:
+    bits: Literal[2, 3, 4, 5, 6, 8]
+    group_size: Literal[32, 64, 128]
+    mode: Literal["affine", "mxfp4", "nvfp4", "mxfp8"]
+    loss_batches: Annotated[int, Range(ge=-1)]
+
+
+Metric = Literal["exact_match", "field_f1", "token_f1", "chrf", "compression_ratio"]
+
+
+@dataclass(frozen=True)
+class EvalParams:
+    models: tuple[Literal["base", "tuned", "quantized"], ...]
+    metrics: tuple[Metric, ...]
+    max_rows: Annotated[int, Range(ge=1)] | None
+    batch_size: Annotated[int, Range(ge=1)]
+    loss_batches: Annotated[int, Range(ge=-1)]
+    max_tokens_factor: Annotated[float, Range(gt=0)]
+    max_tokens_extra: Annotated[int, Range(ge=0)]
+    report_examples: Annotated[int, Range(ge=0)]
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    """`lorapipe generate` and `lorapipe chat` (user commands, not stages)."""
+
+    prefer: tuple[Literal["quantized", "fused", "adapters", "base"], ...]
+    max_tokens: Annotated[int, Range(ge=1)]
+    temperature: Annotated[float, Range(ge=0)]
+    top_p: Annotated[float, Range(gt=0, le=1)]
+
+
+@dataclass(frozen=True)
 class Params:
     seed: Annotated[int, Range(ge=0)]
     paths: PathsParams
@@ -195,6 +238,10 @@ class Params:
     sanitize: SanitizeParams
     lora: LoraParams
     train: TrainParams
+    fuse: FuseParams
+    quantize: QuantizeParams
+    eval: EvalParams
+    generate: GenerateParams
 
 
 # --- loading --------------------------------------------------------------------------------

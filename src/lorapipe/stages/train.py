@@ -228,6 +228,19 @@ def masked_loss(model: Any, tokens: Any, targets: Any) -> tuple[Any, Any]:
     return ce.astype(mx.float32).sum() / mx.maximum(count, 1), count
 
 
+def dataset_loss(model: Any, batches: Batches, max_batches: int = -1) -> float:
+    """Mean loss per target token over `batches` (the first `max_batches`; -1: all)."""
+    import mlx.core as mx
+
+    total, count = mx.array(0.0), mx.array(0.0)
+    limit = len(batches) if max_batches == -1 else min(max_batches, len(batches))
+    for i in range(limit):
+        loss, n = masked_loss(model, mx.array(batches.tokens[i]), mx.array(batches.targets[i]))
+        total, count = total + loss * n, count + n
+        mx.eval(total, count)
+    return float((total / mx.maximum(count, 1)).item())
+
+
 # --- checkpoints ---------------------------------------------------------------------------------
 
 
@@ -255,9 +268,10 @@ def fingerprint(params: Params, files: list[Path]) -> str:
         k: v for k, v in asdict(params.train).items() if k not in ("steps_per_report", "save_every")
     }
     digest = hashlib.sha256(
-        json.dumps({"lora": asdict(params.lora), "train": train, "seed": params.seed},
-                   sort_keys=True).encode()
-    )  # fmt: skip
+        json.dumps(
+            {"lora": asdict(params.lora), "train": train, "seed": params.seed}, sort_keys=True
+        ).encode()
+    )
     for path in files:
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
@@ -273,8 +287,9 @@ def save_checkpoint(
 
     final = directory / f"step-{state.step:07d}"
     with atomic_dir(final) as tmp:
-        mx.save_safetensors(str(tmp / "adapters.safetensors"),
-                            dict(tree_flatten(model.trainable_parameters())))  # fmt: skip
+        mx.save_safetensors(
+            str(tmp / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters()))
+        )
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
         atomic_write_json(tmp / "state.json", {"fingerprint": fingerprint_, **asdict(state)})
     atomic_write_json(directory / LATEST, {"checkpoint": final.name, "step": state.step})
@@ -386,15 +401,9 @@ def train_loop(
 
     def validate() -> float:
         model.eval()
-        total, count = mx.array(0.0), mx.array(0.0)
-        limit = len(valid_batches) if train.val_batches == -1 else train.val_batches
-        for i in range(min(limit, len(valid_batches))):
-            loss, n = masked_loss(model, mx.array(valid_batches.tokens[i]),
-                                  mx.array(valid_batches.targets[i]))  # fmt: skip
-            total, count = total + loss * n, count + n
-            mx.eval(total, count)
+        loss = dataset_loss(model, valid_batches, train.val_batches)
         model.train()
-        return float((total / mx.maximum(count, 1)).item())
+        return loss
 
     def evaluate_and_track() -> None:
         val_loss = validate()
@@ -412,8 +421,9 @@ def train_loop(
         ):
             state.best_val_loss, state.best_step = val_loss, state.step
             state.evals_without_improvement = 0
-            mx.save_safetensors(str(checkpoints / BEST_ADAPTER),
-                                dict(tree_flatten(model.trainable_parameters())))  # fmt: skip
+            mx.save_safetensors(
+                str(checkpoints / BEST_ADAPTER), dict(tree_flatten(model.trainable_parameters()))
+            )
         else:
             state.evals_without_improvement += 1
 
@@ -546,8 +556,18 @@ def main(params: Params) -> None:
     )
     tracker.replay(state.history)
     try:
-        state = train_loop(model, optimizer, train_batches, valid_batches, params, total_steps,
-                           state, checkpoints, fp, tracker)  # fmt: skip
+        state = train_loop(
+            model,
+            optimizer,
+            train_batches,
+            valid_batches,
+            params,
+            total_steps,
+            state,
+            checkpoints,
+            fp,
+            tracker,
+        )
     finally:
         tracker.close()
 
@@ -556,8 +576,9 @@ def main(params: Params) -> None:
         if final is not None and final.is_file():
             shutil.copy(final, out / "adapters.safetensors")
         else:
-            mx.save_safetensors(str(out / "adapters.safetensors"),
-                                dict(tree_flatten(model.trainable_parameters())))  # fmt: skip
+            mx.save_safetensors(
+                str(out / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters()))
+            )
         atomic_write_json(out / "adapter_config.json", adapter_config(params.lora, num_layers))
     val_losses = [r["val_loss"] for r in state.history if "val_loss" in r]
     summary = {
@@ -575,5 +596,7 @@ def main(params: Params) -> None:
         "padding_fraction": round(train_batches.padding_fraction, 4),
     }
     atomic_write_json(Path(paths.metrics) / "train.json", summary)
-    print(f"train: {state.step} steps, best val loss {state.best_val_loss:.4f} at step "
-          f"{state.best_step} -> {paths.adapters}/ ({train.keep})")  # fmt: skip
+    print(
+        f"train: {state.step} steps, best val loss {state.best_val_loss:.4f} at step "
+        f"{state.best_step} -> {paths.adapters}/ ({train.keep})"
+    )

@@ -1,0 +1,106 @@
+"""`lorapipe generate` and `lorapipe chat`: try the tuned model in one command.
+
+The model is the first in `generate.prefer` that the pipeline has made. Prompts are shaped the
+way training shaped them: `data.system_prompt` as the system turn, `data.prompt_template`
+around the user's text, the model's chat template around both.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lorapipe.artifacts import MissingArtifact, artifact_paths, chat_prompt, load_model
+from lorapipe.params import Params
+
+MARKERS = {
+    "base": "config.json",
+    "adapters": "adapter_config.json",
+    "fused": "config.json",
+    "quantized": "config.json",
+}
+
+
+def pick(params: Params, wanted: str | None = None) -> tuple[str, Path, Path | None]:
+    """(name, model folder, adapter folder or None) of the model to load."""
+    artifacts = artifact_paths(params)
+    order = [wanted] if wanted else list(params.generate.prefer)
+    for name in order:
+        if name not in artifacts:
+            raise MissingArtifact(f"--model: {name!r} is not one of {', '.join(artifacts)}")
+        path, _ = artifacts[name]
+        if (path / MARKERS[name]).is_file():
+            if name == "adapters":
+                return name, artifacts["base"][0], path
+            return name, path, None
+    made_by = ", ".join(f"{artifacts[n][0]} (`dvc repro {artifacts[n][1]}`)" for n in order)
+    raise MissingArtifact(f"no model to generate with: none of {made_by} exists yet")
+
+
+def load(params: Params, wanted: str | None) -> tuple[Any, Any]:
+    name, path, adapters = pick(params, wanted)
+    stage = artifact_paths(params)[name][1]
+    print(
+        f"[lorapipe] model: {name} ({path}{' + ' + str(adapters) if adapters else ''})",
+        file=sys.stderr,
+    )
+    return load_model(path, "base" if adapters else stage, adapters)
+
+
+def user_turn(params: Params, text: str) -> dict[str, str]:
+    return {"role": "user", "content": params.data.prompt_template.replace("{prompt}", text)}
+
+
+def first_messages(params: Params) -> list[dict[str, str]]:
+    system = params.data.system_prompt
+    return [{"role": "system", "content": system}] if system else []
+
+
+def stream(
+    model: Any, tokenizer: Any, messages: list[dict[str, str]], params: Params
+) -> Iterator[str]:
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    g = params.generate
+    sampler = make_sampler(temp=g.temperature, top_p=g.top_p)
+    prompt = chat_prompt(tokenizer, messages)
+    for response in stream_generate(
+        model, tokenizer, prompt, max_tokens=g.max_tokens, sampler=sampler
+    ):
+        yield response.text
+
+
+def generate_once(params: Params, text: str, wanted: str | None = None) -> str:
+    model, tokenizer = load(params, wanted)
+    parts = []
+    for piece in stream(
+        model, tokenizer, [*first_messages(params), user_turn(params, text)], params
+    ):
+        parts.append(piece)
+        print(piece, end="", flush=True)
+    print()
+    return "".join(parts)
+
+
+def chat(params: Params, wanted: str | None = None) -> None:
+    model, tokenizer = load(params, wanted)
+    messages = first_messages(params)
+    print("[lorapipe] chat: an empty line or Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            text = input("> ")
+        except EOFError:
+            break
+        if not text.strip():
+            break
+        messages.append(user_turn(params, text))
+        pieces = []
+        for piece in stream(model, tokenizer, messages, params):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        answer = "".join(pieces)
+        messages.append({"role": "assistant", "content": answer})

@@ -1,0 +1,118 @@
+"""fuse -> quantize -> eval -> generate on a tiny model trained for a few steps."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.test_train import set_train, train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A project whose base, sanitized splits and adapter exist (module-scoped: built once)."""
+    from tests.test_train import make_project
+
+    project = make_project(tmp_path_factory.mktemp("fqe") / "project", tiny_model_dir)
+    shutil.copy(
+        project / "data" / "sanitized" / "valid.jsonl",
+        project / "data" / "sanitized" / "test.jsonl",
+    )
+    set_train(project, iters=40, steps_per_eval=20, save_every=20)
+    set_train(project, "quantize", group_size=32)
+    set_train(project, "eval", batch_size=4)
+    result = train(project)
+    assert result.returncode == 0, result.stderr
+    return project
+
+
+def run(project: Path, *args: str):
+    from tests.test_train import cli
+
+    return cli(project, *args)
+
+
+def test_fuse_matches_base_plus_adapter_and_loads_in_mlx_lm(trained: Path) -> None:
+    import mlx.core as mx
+    from mlx_lm import load
+
+    result = run(trained, "fuse")
+    assert result.returncode == 0, result.stderr
+    check = json.loads((trained / "metrics" / "fuse.json").read_text())
+    assert check["greedy_agreement"] == 1.0 and check["max_relative_logit_diff"] < 1e-4
+
+    fused, tokenizer = load(str(trained / "models" / "fused"))
+    tuned, _ = load(
+        str(trained / "models" / "base"), adapter_path=str(trained / "models" / "adapters")
+    )
+    ids = mx.array([tokenizer.encode("Please meet Alice on day 3 about item 7.")])
+    assert mx.allclose(fused(ids), tuned(ids), atol=1e-4)
+
+
+def test_fuse_refuses_an_adapter_for_another_model(trained: Path, tmp_path: Path) -> None:
+    project = tmp_path / "other"
+    shutil.copytree(trained, project, ignore=shutil.ignore_patterns("fused", "quantized"))
+    config = json.loads((project / "models" / "adapters" / "adapter_config.json").read_text())
+    config["lora_parameters"]["rank"] = 4  # the saved tensors are rank 8: they no longer fit
+    (project / "models" / "adapters" / "adapter_config.json").write_text(json.dumps(config))
+    result = run(project, "fuse")
+    assert result.returncode == 1
+    assert "models/adapters does not match models/base" in result.stderr
+    assert "dvc repro train" in result.stderr
+
+
+def test_quantize_records_size_and_quality_cost(trained: Path) -> None:
+    if not (trained / "models" / "fused").exists():
+        assert run(trained, "fuse").returncode == 0
+    result = run(trained, "quantize")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((trained / "metrics" / "quantize.json").read_text())
+    assert metrics["bits"] == 4 and metrics["size_ratio"] < 0.5
+    assert metrics["val_loss_quantized"] == pytest.approx(
+        metrics["val_loss_fused"] + metrics["val_loss_increase"], abs=1e-4
+    )
+    config = json.loads((trained / "models" / "quantized" / "config.json").read_text())
+    assert config["quantization"]["bits"] == 4
+
+
+def test_eval_scores_every_model_and_writes_the_report(trained: Path) -> None:
+    for stage, output in (("fuse", "fused"), ("quantize", "quantized")):
+        if not (trained / "models" / output).exists():
+            assert run(trained, stage).returncode == 0
+    result = run(trained, "eval")
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((trained / "metrics" / "eval.json").read_text())
+    assert set(metrics) == {"base", "tuned", "quantized"}
+    for scores in metrics.values():
+        assert {"test_loss", "exact_match", "field_f1", "chrf", "compression_ratio"} <= set(scores)
+        assert 0 <= scores["exact_match"] <= 1
+    # Training lowered the test loss of the tiny model (its validation split is the test here).
+    assert metrics["tuned"]["test_loss"] < metrics["base"]["test_loss"]
+    generations = (trained / "reports" / "generations.jsonl").read_text().splitlines()
+    assert len(generations) == 3 * 8
+    report = (trained / "reports" / "eval.md").read_text()
+    assert "| exact_match |" in report and "worst tuned first" in report
+
+
+def test_eval_without_a_test_split_names_the_stage(trained: Path, tmp_path: Path) -> None:
+    project = tmp_path / "p"
+    shutil.copytree(trained, project)
+    (project / "data" / "sanitized" / "test.jsonl").unlink()
+    result = run(project, "eval")
+    assert result.returncode == 1
+    assert "test.jsonl: not found; run `dvc repro sanitize`" in result.stderr
+
+
+def test_generate_says_which_model_it_loaded(trained: Path, tmp_path: Path) -> None:
+    project = tmp_path / "g"
+    shutil.copytree(trained, project, ignore=shutil.ignore_patterns("quantized", "fused"))
+    result = run(project, "generate", "Please meet Alice on day 3 about item 7.")
+    assert result.returncode == 0, result.stderr
+    assert "[lorapipe] model: adapters (models/base + models/adapters)" in result.stderr
+    shutil.rmtree(project / "models")
+    missing = run(project, "generate", "hi")
+    assert missing.returncode == 1
+    assert "no model to generate with" in missing.stderr and "dvc repro quantize" in missing.stderr
