@@ -174,6 +174,7 @@ class TrainParams:
     optimizer: Literal["adamw", "adam", "sgd", "adafactor"]
     learning_rate: Annotated[float, Range(gt=0)]
     weight_decay: Annotated[float, Range(ge=0)]
+    max_grad_norm: Annotated[float, Range(gt=0)] | None
     lr_schedule: Literal["constant", "cosine", "linear"]
     warmup_steps: Annotated[int, Range(ge=0)]
     min_lr_ratio: Annotated[float, Range(ge=0, le=1)]

@@ -375,6 +375,7 @@ def train_loop(
 ) -> LoopState:
     import mlx.core as mx
     import mlx.nn as nn
+    import mlx.optimizers as optim
     from mlx.utils import tree_flatten, tree_map
     from mlx_lm.tuner.trainer import grad_checkpoint
 
@@ -395,6 +396,8 @@ def train_loop(
         if update:
             if accumulate > 1:
                 grad = tree_map(lambda g: g / accumulate, grad)
+            if train.max_grad_norm is not None:
+                grad, _ = optim.clip_grad_norm(grad, train.max_grad_norm)
             optimizer.update(model, grad)
             grad = None
         return loss, count, finite, grad
@@ -504,6 +507,7 @@ def main(params: Params) -> None:
     from mlx.utils import tree_flatten
     from mlx_lm.utils import load
 
+    from lorapipe.provenance import run_record
     from lorapipe.tracking import Tracker
 
     paths, train = params.paths, params.train
@@ -596,6 +600,7 @@ def main(params: Params) -> None:
         "padding_fraction": round(train_batches.padding_fraction, 4),
     }
     atomic_write_json(Path(paths.metrics) / "train.json", summary)
+    atomic_write_json(Path(paths.reports) / "run.json", run_record())
     print(
         f"train: {state.step} steps, best val loss {state.best_val_loss:.4f} at step "
         f"{state.best_step} -> {paths.adapters}/ ({train.keep})"
