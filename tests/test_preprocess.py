@@ -212,3 +212,102 @@ def test_demo_data_counts_match_its_manifest(shipped: Params) -> None:
     assert m["quarantined"] == malformed + defect("empty")
     assert m["rejected_by_reason"] == {"char_ratio": defect("ratio")}
     assert sum(outcome.stripped.values()) == defect("think") + defect("tool_call")
+
+
+def hub_project(project: Path, tiny_model_dir: Path, cache: Path, revision: str | None) -> None:
+    """A project whose data.source is a Hub dataset id, served from a local Hub cache."""
+    import shutil
+
+    from ruamel.yaml import YAML
+
+    sha = "89abcdef" * 5
+    snapshot = cache / "datasets--someorg--pairs" / "snapshots" / sha
+    (snapshot / "data").mkdir(parents=True)
+    rows = [{"input": f"a fairly long request number {i}", "output": f"req {i}"} for i in range(6)]
+    write_jsonl(snapshot / "data" / "train.jsonl", rows)
+    (snapshot / "loader.py").write_text("raise SystemExit('dataset code must never run')\n")
+    (cache / "datasets--someorg--pairs" / "refs").mkdir()
+    (cache / "datasets--someorg--pairs" / "refs" / "main").write_text(sha)
+    shutil.copytree(tiny_model_dir, project / "models" / "base")
+    yaml = YAML()
+    params = yaml.load(REPO / "params.yaml")
+    params["data"].update(source="someorg/pairs", revision=revision)
+    yaml.dump(params, project / "params.yaml")
+
+
+@pytest.mark.parametrize("revision", ["main", None])
+def test_a_hub_dataset_at_a_pinned_revision_offline(
+    tmp_path: Path, tiny_model_dir: Path, revision: str | None
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "hf-cache"
+    hub_project(tmp_path, tiny_model_dir, cache, revision)
+    env = {
+        **os.environ,
+        "HF_HUB_CACHE": str(cache),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(tmp_path / "ds-cache"),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "lorapipe.cli", "preprocess"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if revision is None:
+        assert result.returncode == 1
+        assert "data.revision: is null" in result.stderr
+        return
+    assert result.returncode == 0, result.stderr
+    kept = (tmp_path / "data" / "preprocessed" / "rows.jsonl").read_text().splitlines()
+    assert len(kept) == 6
+    assert json.loads(kept[0])["meta"]["source"] == "someorg/pairs[train]: row 1"
+
+    # An id that is in no cache, offline: one line that says what to do.
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    params = yaml.load(tmp_path / "params.yaml")
+    params["data"]["source"] = "nobody/nothing"
+    yaml.dump(params, tmp_path / "params.yaml")
+    missing = subprocess.run(
+        [sys.executable, "-m", "lorapipe.cli", "preprocess"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert missing.returncode == 1
+    assert missing.stderr.count("\n") == 1
+    assert "nobody/nothing@main is not in the local Hugging Face cache" in missing.stderr
+
+
+def test_a_split_left_empty_is_an_error_naming_it(tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    from lorapipe.stages import split
+    from lorapipe.stages.split import SplitError
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"q {i}"},
+                {"role": "assistant", "content": "a"},
+            ],
+            "meta": {"source": f"f:{i}", "kind": "nl"},
+        }
+        for i in range(3)
+    ]
+    (tmp_path / "data" / "preprocessed").mkdir(parents=True)
+    write_jsonl(tmp_path / "data" / "preprocessed" / "rows.jsonl", rows)
+    with pytest.raises(SplitError, match=r"split: '(valid|test)' would be empty \(3 rows"):
+        split.main(load_params("params.yaml"))
+    assert not (tmp_path / "data" / "split").exists()
