@@ -70,14 +70,19 @@ def main() -> None:
         (work / "raw").mkdir()
         raw_lines = scale_raw(ROOT / "data" / "raw", work / "raw", args.rows)
         paths = dataclasses.replace(
-            base_params.paths, base=args.base, preprocessed=str(work / "pre"),
-            split=str(work / "split"), sanitized=str(work / "san"), metrics=str(work / "m"),
+            base_params.paths,
+            base=args.base,
+            preprocessed=str(work / "pre"),
+            split=str(work / "split"),
+            sanitized=str(work / "san"),
+            metrics=str(work / "m"),
             reports=str(work / "r"),
-        )  # fmt: skip
+        )
         params = dataclasses.replace(
-            base_params, paths=paths,
+            base_params,
+            paths=paths,
             data=dataclasses.replace(base_params.data, source=str(work / "raw" / "*.jsonl")),
-        )  # fmt: skip
+        )
         for _ in range(args.repeats):
             for name, stage in (
                 ("preprocess", preprocess),
@@ -96,8 +101,11 @@ def main() -> None:
         shutil.rmtree(work / "raw")
 
     medians = {name: statistics.median(t) for name, t in timings.items()}
-    rows_in = {"preprocess": counts["raw_lines"], "split": counts["preprocessed"],
-               "sanitize": counts["preprocessed"]}  # fmt: skip
+    rows_in = {
+        "preprocess": counts["raw_lines"],
+        "split": counts["preprocessed"],
+        "sanitize": counts["preprocessed"],
+    }
     print(
         f"\ndata stages, {platform.machine()} {platform.system()}, Python {sys.version.split()[0]}"
     )

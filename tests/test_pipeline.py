@@ -15,6 +15,9 @@ from tests.conftest import REPO
 
 def copy_repo(dest: Path) -> Path:
     """Copy the files git would clone (tracked + untracked-not-ignored) into a new git repo."""
+    from tests.test_experiments import cached_outputs  # lazy: that module imports this one
+
+    skip = cached_outputs()
     listed = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=REPO,
@@ -23,7 +26,8 @@ def copy_repo(dest: Path) -> Path:
     ).stdout.decode()
     for name in filter(None, listed.split("\0")):
         source = REPO / name
-        if source.is_file():
+        outputs_here = any(name == o or name.startswith(f"{o}/") for o in skip)
+        if source.is_file() and not outputs_here:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / name)
     git(dest, "init", "-q")

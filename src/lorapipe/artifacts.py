@@ -51,7 +51,21 @@ def load_model(model_dir: Path, stage: str, adapters: Path | None = None) -> tup
             ) from exc
         raise
     model.eval()
-    return model, tokenizer
+    return cpu_friendly(model), tokenizer
+
+
+def cpu_friendly(model: Any) -> Any:
+    """On the CPU, run a quantized model with its weights dequantized: a quantized layer computes
+    x @ dequantize(Wq).T, so the values are the same, but MLX's CPU quantized kernels are
+    single-threaded and ~10x slower than the BLAS matmul. Metal and CUDA keep the real kernels."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.utils import dequantize_model
+
+    quantized = any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules())
+    if quantized and mx.default_device() == mx.cpu:
+        return dequantize_model(model)
+    return model
 
 
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:

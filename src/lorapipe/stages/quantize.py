@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lorapipe.artifacts import load_model
+from lorapipe.artifacts import cpu_friendly, load_model
 from lorapipe.io import atomic_dir, atomic_write_json, read_jsonl
 from lorapipe.params import Params
 from lorapipe.stages.train import dataset_loss, encode, make_batches
@@ -33,13 +33,13 @@ def main(params: Params) -> None:
     before = validation_loss(model, tokenizer, params)
     config = json.loads((fused_dir / "config.json").read_text())
     model, config = quantize_model(model, config, q.group_size, q.bits, mode=q.mode)
-    after = validation_loss(model, tokenizer, params)
-
     with atomic_dir(Path(params.paths.quantized)) as out:
         save_model(out, model)
         save_config(config, config_path=out / "config.json")
         tokenizer.save_pretrained(str(out))
         size = folder_bytes(out)
+    # Saved first: on the CPU, cpu_friendly() dequantizes the model in place.
+    after = validation_loss(cpu_friendly(model), tokenizer, params)
     metrics = {
         "bits": q.bits,
         "group_size": q.group_size,

@@ -1,0 +1,532 @@
+"""The README's experiment flows, end to end, as a user types them: in temporary copies of the
+repository, on the tiny model (a shrunken run), with the real `dvc` and `git`.
+
+One baseline `dvc repro` (module fixture) is shared: flows that need their own workspace get a
+`git clone` of it that shares its DVC cache, as a teammate on the same machine would.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.test_pipeline import ran_stages, set_params
+
+pytestmark = pytest.mark.slow  # every test here runs the pipeline at least once
+
+ALL_STAGES = ["base", "preprocess", "split", "sanitize", "train", "fuse", "quantize", "eval"]
+AFTER_TRAIN = ["train", "fuse", "quantize", "eval"]
+# The tiny model's hidden size is 64, so quantization groups of 32; a few steps and rows suffice.
+TINY_RUN: dict[str, object] = {
+    "train.iters": 20,
+    "train.steps_per_eval": 10,
+    "train.val_batches": 4,
+    "train.save_every": 10,
+    "quantize.group_size": 32,
+    "quantize.loss_batches": 4,
+    "eval.max_rows": 8,
+    "eval.batch_size": 8,
+}
+# The metric the flows rank by: exact match is 0 for every random tiny model, the loss is not.
+RANK_BY = ("metrics/eval.json", "tuned.test_loss")
+BRANCH = "main"
+# DVC commits experiments through its own git library, which needs an identity even on a machine
+# where none is configured.
+IDENTITY = {
+    "GIT_AUTHOR_NAME": "lorapipe tests",
+    "GIT_AUTHOR_EMAIL": "tests@lorapipe.invalid",
+    "GIT_COMMITTER_NAME": "lorapipe tests",
+    "GIT_COMMITTER_EMAIL": "tests@lorapipe.invalid",
+}
+
+
+# --- running dvc and git ---------------------------------------------------------------------
+
+
+def command_env() -> dict[str, str]:
+    # The stages call `lorapipe`, installed beside this interpreter; no model hub is reachable.
+    # One BLAS thread: the tiny model gains nothing from more, and two queue workers each
+    # spinning several OpenBLAS threads on a 2-core machine run many times slower.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return {
+        **os.environ,
+        "PATH": path,
+        "HF_HUB_OFFLINE": "1",
+        "DVC_NO_ANALYTICS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        **IDENTITY,
+    }
+
+
+def dvc(cwd: Path, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args],
+        cwd=cwd,
+        env=command_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def dvc_ok(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    result = dvc(cwd, *args)
+    assert result.returncode == 0, (
+        f"`dvc {' '.join(args)}` failed in {cwd}:\n{result.stdout}\n{result.stderr}"
+    )
+    return result
+
+
+def git(cwd: Path, *args: str) -> str:
+    result = subprocess.run(
+        ["git", "-c", "user.name=lorapipe tests", "-c", "user.email=tests@lorapipe.invalid", *args],
+        cwd=cwd,
+        env=command_env(),
+        capture_output=True,
+        text=True,
+        errors="replace",  # the demo data holds invalid UTF-8 on purpose
+    )
+    assert result.returncode == 0, f"`git {' '.join(args)}` failed in {cwd}:\n{result.stderr}"
+    return result.stdout
+
+
+def commit_all(project: Path, message: str) -> None:
+    git(project, "add", "-A")
+    git(project, "commit", "-q", "-m", message)
+
+
+# --- projects ---------------------------------------------------------------------------------
+
+
+def cached_outputs() -> list[str]:
+    """The pipeline's DVC-cached output paths (dvc.yaml with params.yaml's `paths` filled in)."""
+    paths = yaml.safe_load((REPO / "params.yaml").read_text())["paths"]
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    found = []
+    for stage in stages.values():
+        for out in stage.get("outs", []):
+            name, options = (out, {}) if isinstance(out, str) else next(iter(out.items()))
+            if (options or {}).get("cache", True):
+                found.append(re.sub(r"\$\{paths\.(\w+)\}", lambda m: paths[m[1]], name))
+    return found
+
+
+def fresh_copy(dest: Path) -> Path:
+    """What a clone of this working tree holds: tracked files plus untracked ones git does not
+    ignore, committed in a new repo. Cached outputs are left out even when a pipeline run in
+    the source tree has not yet listed them in a .gitignore: they live in DVC's cache, not git."""
+    skip = cached_outputs()
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        source = REPO / name
+        if source.is_file() and not any(name == o or name.startswith(f"{o}/") for o in skip):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    git(dest, "init", "-q", "-b", BRANCH)
+    commit_all(dest, "clone")
+    return dest
+
+
+def tiny_project(dest: Path, model: Path) -> Path:
+    """A fresh copy set to the tiny model and a shrunken run, committed."""
+    fresh_copy(dest)
+    set_params(dest, **{"model.source": str(model), **TINY_RUN})
+    commit_all(dest, "tiny model, short run")
+    return dest
+
+
+def clone_of(source: Path, dest: Path) -> Path:
+    """A teammate's clone on the same machine: `git clone`, sharing the DVC cache."""
+    git(dest.parent, "clone", "-q", str(source), dest.name)
+    dvc_ok(dest, "cache", "dir", "--local", str(source / ".dvc" / "cache"))
+    dvc_ok(dest, "checkout")
+    return dest
+
+
+def outcomes(log: str) -> dict[str, str]:
+    """Each stage's fate in the output of `dvc repro` / `dvc exp run`: ran, unchanged, or
+    restored (DVC's run cache had outputs for exactly these deps and params)."""
+    patterns = {
+        "ran": r"Running stage '([^']+)'",
+        "unchanged": r"Stage '([^']+)' didn't change, skipping",
+        "restored": r"Stage '([^']+)' is cached - skipping run",
+    }
+    found = {}
+    for line in log.splitlines():
+        for outcome, pattern in patterns.items():
+            if match := re.match(pattern, line):
+                found[match[1]] = outcome
+    return found
+
+
+def assert_reran_from_train(log: str) -> None:
+    """base and the data stages untouched; train ran; fuse, quantize and eval ran or were
+    restored from the run cache (an identical adapter was fused before)."""
+    fate = outcomes(log)
+    assert [fate.get(s) for s in ALL_STAGES[:5]] == ["unchanged"] * 4 + ["ran"], log
+    assert all(fate.get(s) in ("ran", "restored") for s in AFTER_TRAIN[1:]), log
+
+
+def tree_digest(root: Path) -> dict[str, bytes]:
+    """Every file under root, by relative path, with its bytes."""
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+# --- reading `dvc exp show --json` ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of `dvc exp show`: the baseline commit or an experiment."""
+
+    name: str  # the branch for the baseline, the experiment's name otherwise
+    rev: str
+    is_baseline: bool
+    params: dict[str, Any]  # params.yaml
+    metrics: dict[str, Any]  # metrics file -> its data
+    outs: dict[str, str]  # output path -> hash
+    state: str | None  # queued runs: success, failed, ...; None for the others
+
+    def param(self, dotted: str) -> Any:
+        return dig(self.params, dotted)
+
+    def metric(self, file: str, dotted: str) -> Any:
+        return dig(self.metrics[file], dotted)
+
+
+def dig(data: Any, dotted: str) -> Any:
+    for key in dotted.split("."):
+        data = data[key]
+    return data
+
+
+def exp_rows(project: Path) -> list[Row]:
+    shown = json.loads(dvc_ok(project, "exp", "show", "--json").stdout)
+
+    def row(entry: dict[str, Any], name: str, baseline: bool, state: str | None) -> Row:
+        data = entry["data"]
+        return Row(
+            name=name,
+            rev=entry["rev"],
+            is_baseline=baseline,
+            params=data["params"]["params.yaml"]["data"],
+            metrics={f: m["data"] for f, m in data["metrics"].items()},
+            outs={p: o["hash"] for p, o in data["outs"].items()},
+            state=state,
+        )
+
+    rows = []
+    for commit in shown:
+        if commit["rev"] == "workspace":
+            continue
+        rows.append(row(commit, commit["name"], True, None))
+        for exp in commit.get("experiments") or []:
+            state = (exp.get("executor") or {}).get("state")
+            rows.extend(row(rev, exp["name"], False, state) for rev in exp["revs"])
+    return rows
+
+
+def by_name(project: Path) -> dict[str, Row]:
+    return {r.name: r for r in exp_rows(project)}
+
+
+# --- the experiments queue --------------------------------------------------------------------
+
+
+def queue(project: Path, *set_params_args: str) -> list[str]:
+    """`dvc exp run --queue -S ...`; the names of the queued experiments."""
+    args = [a for value in set_params_args for a in ("-S", value)]
+    queued = dvc_ok(project, "exp", "run", "--queue", *args)
+    names = re.findall(r"Queued experiment '([^']+)'", queued.stdout + queued.stderr)
+    assert names, queued.stdout + queued.stderr
+    return names
+
+
+def queue_states(status: str) -> dict[str, str]:
+    """`dvc queue status` -> {experiment name: Queued | Running | Success | Failed}."""
+    states = {}
+    for line in status.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[0] != "Task" and not line.startswith("Worker"):
+            states[parts[1]] = parts[-1]
+    return states
+
+
+def run_queue(project: Path, names: list[str], jobs: int = 2, limit_s: float = 900) -> None:
+    """`dvc queue start -j N`, then wait (bounded) until the named experiments have finished
+    and the workers have exited; fail with each failed run's log."""
+    # The workers are daemons that inherit stdout: hand them a file, not a pipe, or this call
+    # would wait for the whole queue.
+    with (project.parent / f"{project.name}-queue.log").open("a") as log:
+        started = subprocess.run(
+            [sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)],
+            cwd=project,
+            env=command_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=120,
+        )
+    assert started.returncode == 0, "dvc queue start failed"
+    deadline = time.monotonic() + limit_s
+    while True:
+        status = dvc_ok(project, "queue", "status").stdout
+        states = queue_states(status)
+        done = all(states.get(n) in ("Success", "Failed") for n in names)
+        if done and "0 active" in status:
+            break
+        if time.monotonic() > deadline:
+            dvc(project, "queue", "kill", *names)
+            dvc(project, "queue", "stop", "--kill")
+            pytest.fail(f"the queue did not finish in {limit_s:.0f} s:\n{status}")
+        time.sleep(3)
+    failed = [n for n in names if states[n] != "Success"]
+    assert not failed, "\n".join(dvc(project, "queue", "logs", n).stdout for n in failed)
+
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Baseline:
+    project: Path
+    first: subprocess.CompletedProcess[str]
+    second: subprocess.CompletedProcess[str]
+    second_seconds: float
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Baseline:
+    """Flow 1's fresh copy after `dvc repro` twice, then committed: the baseline of the others."""
+    project = tiny_project(tmp_path_factory.mktemp("baseline") / "lorapipe", tiny_model_dir)
+    first = dvc_ok(project, "repro")
+    start = time.monotonic()
+    second = dvc_ok(project, "repro")
+    seconds = time.monotonic() - start
+    commit_all(project, "baseline run")
+    return Baseline(project, first, second, seconds)
+
+
+@dataclass(frozen=True)
+class Grid:
+    project: Path
+    names: list[str]  # the queued experiments, in the order of `-S lora.rank=2,4,16`
+
+
+@pytest.fixture(scope="module")
+def grid(baseline: Baseline, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Grid]:
+    """Flow 3's grid, queued and run two at a time in a clone of the baseline."""
+    project = clone_of(baseline.project, tmp_path_factory.mktemp("grid") / "lorapipe")
+    names = queue(project, "lora.rank=2,4,16")
+    try:
+        run_queue(project, names)
+        yield Grid(project, names)
+    finally:
+        dvc(project, "queue", "stop", "--kill")  # nothing to stop unless a run hung
+
+
+# --- the flows --------------------------------------------------------------------------------
+
+
+def test_repro_runs_every_stage_then_nothing(baseline: Baseline) -> None:
+    """Flow 1: `dvc repro` on a fresh copy runs every stage; a second one runs none, fast."""
+    assert ran_stages(baseline.first) == ALL_STAGES, baseline.first.stdout
+    assert ran_stages(baseline.second) == []
+    assert "Data and pipelines are up to date." in baseline.second.stdout
+    print(f"second `dvc repro`: {baseline.second_seconds:.1f} s")
+    assert baseline.second_seconds < 30
+    status = dvc_ok(baseline.project, "status")
+    assert "Data and pipelines are up to date." in status.stdout
+    eval_metrics = json.loads((baseline.project / "metrics" / "eval.json").read_text())
+    assert set(eval_metrics) == {"base", "tuned", "quantized"}
+    # Fine-tuning, even 20 steps of it, lowers the test loss of a random model.
+    assert eval_metrics["tuned"]["test_loss"] < eval_metrics["base"]["test_loss"]
+
+
+def test_exp_run_with_another_rank_reruns_train_and_after_only(
+    baseline: Baseline, tmp_path: Path
+) -> None:
+    """Flow 2: `dvc exp run -S lora.rank=4` (the default is 8) re-runs train and what follows;
+    `dvc exp show` lists it next to the baseline with its params and metrics."""
+    project = clone_of(baseline.project, tmp_path / "lorapipe")
+    result = dvc_ok(project, "exp", "run", "-S", "lora.rank=4")
+    assert_reran_from_train(result.stdout)
+    name = re.search(r"Ran experiment\(s\): (\S+)", result.stdout)
+    assert name, result.stdout
+
+    rows = by_name(project)
+    base, exp = rows[BRANCH], rows[name[1]]
+    assert base.is_baseline and not exp.is_baseline
+    assert (base.param("lora.rank"), exp.param("lora.rank")) == (8, 4)
+    for row in (base, exp):
+        assert row.metric(*RANK_BY) > 0
+        assert row.metric("metrics/train.json", "steps") == 20
+    assert exp.metric(*RANK_BY) != base.metric(*RANK_BY)
+    assert exp.outs["models/base"] == base.outs["models/base"]
+    assert exp.outs["data/sanitized"] == base.outs["data/sanitized"]
+    assert exp.outs["models/adapters"] != base.outs["models/adapters"]
+
+    table = dvc_ok(project, "exp", "show", "--csv", "--only-changed").stdout
+    header, *lines = list(csv.reader(io.StringIO(table)))
+    assert "lora.rank" in header and "tuned.test_loss" in header, header
+    ranks = {line[0] or line[1]: line[header.index("lora.rank")] for line in lines}
+    assert ranks[BRANCH] == "8" and ranks[name[1]] == "4", table
+
+
+def test_queued_grid_runs_and_ranks_by_a_metric(grid: Grid) -> None:
+    """Flow 3: `dvc exp run --queue -S 'lora.rank=2,4,16'` + `dvc queue start -j 2` run three
+    experiments from git commits; `dvc exp show --only-changed --sort-by` ranks them."""
+    rows = by_name(grid.project)
+    runs = [rows[n] for n in grid.names]
+    assert [r.param("lora.rank") for r in runs] == [2, 4, 16]
+    assert all(r.state == "success" for r in runs)
+    assert len({r.outs["models/adapters"] for r in runs}) == 3
+    for name in grid.names:
+        # A queued run starts from a git commit plus DVC's cache: the data stages' outputs
+        # came from the cache, so only training and what follows ran.
+        assert_reran_from_train(dvc_ok(grid.project, "queue", "logs", name).stdout)
+
+    file, key = RANK_BY
+    table = dvc_ok(
+        grid.project,
+        "exp", "show", "--csv", "--only-changed",
+        "--sort-by", f"{file}:{key}", "--sort-order", "asc",
+    ).stdout  # fmt: skip
+    header, *lines = list(csv.reader(io.StringIO(table)))
+    assert "lora.rank" in header and key in header, header
+    assert "train.iters" not in header and "iters" not in header  # --only-changed
+    shown = [line[0] for line in lines if line[0] in grid.names]
+    expected = sorted(grid.names, key=lambda n: rows[n].metric(file, key))
+    assert shown == expected, table
+    losses = [float(line[header.index(key)]) for line in lines if line[0] in grid.names]
+    assert losses == sorted(losses)
+
+
+def test_two_base_models_run_as_queued_experiments(baseline: Baseline, tmp_path: Path) -> None:
+    """Flow 4: two local base models, tracked with `dvc add` under models/sources/, run the same
+    way with `dvc exp run --queue -S model.source=...`."""
+    from tests.tiny_model import build_tiny_model
+
+    project = clone_of(baseline.project, tmp_path / "lorapipe")
+    sources = ["models/sources/tiny-a", "models/sources/tiny-b"]
+    for seed, source in enumerate(sources, start=1):
+        build_tiny_model(project / source, seed=seed)
+    dvc_ok(project, "add", *sources)
+    # A queued run starts from a git commit of the workspace: staged files go in, untracked
+    # ones do not. The shipped `core.autostage` made `dvc add` stage the .dvc files.
+    staged = git(project, "diff", "--cached", "--name-only").split()
+    assert {f"{s}.dvc" for s in sources} <= set(staged), staged
+
+    names = [n for s in sources for n in queue(project, f"model.source={s}")]
+    run_queue(project, names)
+
+    rows = by_name(project)
+    a, b = rows[names[0]], rows[names[1]]
+    assert (a.param("model.source"), b.param("model.source")) == tuple(sources)
+    for name in names:
+        # From the new base model on; the data stages re-run only where the base model's
+        # tokenizer changed what they write (the two tiny models share one).
+        log = dvc_ok(project, "queue", "logs", name).stdout
+        fate = outcomes(log)
+        assert [fate.get(s) for s in ("base", *AFTER_TRAIN)] == ["ran"] * 5, log
+    assert a.outs["models/base"] != b.outs["models/base"] != rows[BRANCH].outs["models/base"]
+    assert a.metric("metrics/eval.json", "base.test_loss") != b.metric(
+        "metrics/eval.json", "base.test_loss"
+    )
+    table = dvc_ok(project, "exp", "show", "--csv", "--only-changed").stdout
+    assert "model.source" in table.splitlines()[0]
+
+
+def test_plots_and_metrics_diff_against_the_baseline(grid: Grid, tmp_path: Path) -> None:
+    """Flow 5: `dvc plots diff` draws the training curves and eval scores of the baseline and the
+    experiments in one HTML page; `dvc metrics diff` prints what changed."""
+    out = tmp_path / "plots"
+    dvc_ok(grid.project, "plots", "diff", BRANCH, *grid.names, "-o", str(out))
+    page = (out / "index.html").read_text()
+    for plot in ("Loss", "Learning_rate", "Tokens_per_second", "reports_eval_scores_json"):
+        assert f'<div id = "{plot}"' in page, plot
+    # The page embeds each plot's data points, tagged with their revision: every revision has
+    # its own validation curve (its committed TSV) and its own eval scores.
+    points = [json.loads(p) for p in re.findall(r'\{[^{}]*"rev": "[^"]*"[^{}]*\}', page)]
+    rows = by_name(grid.project)
+    train_log = yaml.safe_load((grid.project / "params.yaml").read_text())["paths"]["train_log"]
+    for name in (BRANCH, *grid.names):
+        mine = [p for p in points if p["rev"] == name]
+        curve = {(p["step"], p["loss"]) for p in mine if p.get("filename") == "val/loss.tsv"}
+        tsv = git(grid.project, "show", f"{rows[name].rev}:{train_log}/plots/metrics/val/loss.tsv")
+        assert curve == {tuple(line.split("\t")) for line in tsv.splitlines()[1:]}, name
+        scores = {p["model"]: p["test_loss"] for p in mine if "model" in p}
+        assert scores == {
+            model: rows[name].metric("metrics/eval.json", f"{model}.test_loss")
+            for model in ("base", "tuned", "quantized")
+        }, name
+
+    winner = min(grid.names, key=lambda n: rows[n].metric(*RANK_BY))
+    diff = dvc_ok(grid.project, "metrics", "diff", BRANCH, winner).stdout
+    lines = [line.split() for line in diff.splitlines()]
+    tuned = next(line for line in lines if line[:2] == ["metrics/eval.json", "tuned.test_loss"])
+    old, new = rows[BRANCH].metric(*RANK_BY), rows[winner].metric(*RANK_BY)
+    assert [float(v) for v in tuned[2:5]] == pytest.approx([old, new, new - old], abs=1e-4)
+    assert not any(line[:2] == ["metrics/data.json", "splits.train.rows"] for line in lines)
+
+
+def test_promote_a_winner_and_share_experiments_through_git(grid: Grid, tmp_path: Path) -> None:
+    """Flow 6: `dvc exp apply` and `dvc exp branch` promote the best run; `dvc exp push` /
+    `dvc exp pull` share experiments (refs through git, outputs through the DVC remote)."""
+    project = grid.project
+    rows = by_name(project)
+    winner = min(grid.names, key=lambda n: rows[n].metric(*RANK_BY))
+
+    dvc_ok(project, "exp", "apply", winner)
+    applied = yaml.safe_load((project / "params.yaml").read_text())
+    assert applied["lora"]["rank"] == rows[winner].param("lora.rank")
+    assert "Data and pipelines are up to date." in dvc_ok(project, "status").stdout
+    assert (
+        json.loads((project / "metrics" / "eval.json").read_text())
+        == (rows[winner].metrics["metrics/eval.json"])
+    )
+
+    dvc_ok(project, "exp", "branch", winner, "best-rank")
+    on_branch = yaml.safe_load(git(project, "show", "best-rank:params.yaml"))
+    assert on_branch["lora"]["rank"] == rows[winner].param("lora.rank")
+
+    # A real git remote: a bare repository. The DVC remote is the shipped default, a folder
+    # beside the clones (../lorapipe-storage), so both clones below reach the same one.
+    origin = project.parent / "origin.git"
+    git(project.parent, "init", "-q", "--bare", "-b", BRANCH, str(origin))
+    git(project, "remote", "add", "shared", str(origin))
+    git(project, "push", "-q", "shared", BRANCH)
+    dvc_ok(project, "exp", "push", "shared", *grid.names)
+    refs = git(project, "ls-remote", str(origin), "refs/exps/*")
+    assert all(name in refs for name in grid.names), refs
+
+    other = project.parent / "teammate"
+    git(project.parent, "clone", "-q", str(origin), other.name)
+    assert by_name(other).keys() == {BRANCH}
+    dvc_ok(other, "exp", "pull", "origin", winner)
+    pulled = by_name(other)[winner]
+    assert pulled.metrics == rows[winner].metrics and pulled.params == rows[winner].params
+    dvc_ok(other, "exp", "apply", winner)
+    for out in ("models/adapters", "models/quantized"):
+        assert tree_digest(other / out) == tree_digest(project / out), out
