@@ -1,0 +1,1051 @@
+"""LoRA training throughput: lorapipe's train stage vs mlx-lm's trainer (+ PyTorch/PEFT on GPU).
+
+    uv run python bench/train.py                          # CPU: ~10 min on 2 cores
+    uv run python bench/train.py --bundled-steps 0        # without the bundled-BLAS run (~5 min)
+    python3 bench/train.py --device gpu --frameworks torch --output $OUT/torch.json
+    python3 bench/train.py --device gpu --frameworks mlx --output $OUT/mlx.json
+    uv run python bench/train.py --merge a.json b.json --output bench/results/train-gpu.json
+
+Both MLX trainers run themselves, with the same model, batches, LoRA layers and optimizer:
+
+  lorapipe  `lorapipe.stages.train.train_loop` itself (compiled step, NaN guard, per-step seed,
+            its reports), with a stand-in tracker that notes when each report arrives.
+  mlx-lm    `mlx_lm.tuner.trainer.train` itself (its compiled step, its `default_loss`), with
+            a TrainingCallback noting when each report arrives, fed the same token arrays
+            (lengths (0, T): the same target mask as lorapipe's) by an `iterate_batches`.
+
+Model: llama with SmolLM2-135M's (or -1.7B's) shape and random weights; LoRA from
+params.yaml (rank 8, scale 2, no dropout, every linear layer of every block); the optimizer is
+lorapipe's `make_optimizer` (AdamW, cosine schedule with warm-up) for both. Batches are full
+rows of random tokens (no padding), so tokens/s = batch x seq / seconds counts every token the
+model reads. A run is `--warmup` reports (compilation; dropped) then `--windows` reports of
+`--report-every` steps each; a window's time is the wall-clock time between two reports, so it
+includes everything either loop does per step. Runs alternate (lorapipe, mlx-lm, lorapipe, ...)
+`--repeats` times; the tables give medians over all windows.
+
+Also: `ablation` times step variants rebuilt from train_loop's pieces (with and without the
+`mx.isfinite` NaN guard; mlx-lm's step; forward only), interleaved step by step; `micro` times
+the NaN guard alone and `mx.random.seed` alone; `--bundled-steps` runs lorapipe with MLX's
+bundled BLAS (LORAPIPE_BLAS=bundled) in a subprocess; `padding` measures the demo data's padding
+(needs models/base and data/sanitized). On GPU, `--frameworks torch` times PyTorch + PEFT
+(eager and torch.compile) on the same shapes, one subprocess per case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import io
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lorapipe import runtime
+from lorapipe.io import atomic_write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+PEAK_BF16_TFLOPS = 790.0  # measured on the H100/H200 machines (../shared/FACTS.md)
+
+COMMON: dict[str, Any] = {
+    "model_type": "llama",
+    "vocab_size": 49152,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+}
+SHAPES: dict[str, dict[str, Any]] = {
+    "135m": {  # SmolLM2-135M (the embedded default model)
+        "num_hidden_layers": 30,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "rope_theta": 100000.0,
+    },
+    "1.7b": {  # SmolLM2-1.7B
+        "num_hidden_layers": 24,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "rope_theta": 130000.0,
+    },
+}
+# Every linear layer of a llama block: what LoRA with `keys: null` adapts (PEFT's names).
+LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DISTINCT_BATCHES = 8  # cycled; all the same shape, so no recompilation
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "shapes": "135m",
+        "batch": 4,
+        "seq": 128,
+        "dtype": "float32",
+        "report_every": 1,
+        "warmup": 2,
+        "windows": 6,
+        "repeats": 3,
+        "frameworks": "mlx",
+        "cases": "trainers,ablation,micro,padding",
+        "ablation_steps": 1,
+        "variants": "lorapipe;lorapipe without guard and clipping;mlx-lm step;"
+        "mlx-lm step, cache cleared",
+        "bundled_steps": 2,
+    },
+    "gpu": {
+        "shapes": "135m,1.7b",
+        "batch": 8,
+        "seq": 512,
+        "dtype": "bfloat16",
+        "report_every": 10,
+        "warmup": 2,
+        "windows": 5,
+        "repeats": 2,
+        "frameworks": "mlx,torch",
+        "cases": "trainers,ablation,micro",
+        "ablation_steps": 10,
+        "variants": "lorapipe;lorapipe, guard from the clip norm;lorapipe without guard;"
+        "lorapipe without clipping;lorapipe without guard and clipping;mlx-lm step;forward only",
+        "bundled_steps": 0,
+    },
+}
+
+
+# --- shared pieces ----------------------------------------------------------------------------
+
+
+def bench_params(args: argparse.Namespace, total_steps: int) -> Any:
+    """params.yaml's LoRA and optimizer, with this benchmark's batch and reporting intervals.
+
+    No evaluation and no checkpoint inside the timed steps: validation reads 0 batches (its
+    report at step 0 marks the start) and saves happen after the last report."""
+    from lorapipe.params import load_params
+
+    params = load_params(ROOT / "params.yaml")
+    train = dataclasses.replace(
+        params.train,
+        iters=total_steps,
+        epochs=None,
+        batch_size=args.batch,
+        grad_accumulation_steps=1,
+        max_seq_length=args.seq + 1,
+        grad_checkpoint=False,
+        steps_per_report=args.report_every,
+        steps_per_eval=total_steps,
+        val_batches=0,
+        save_every=total_steps,
+    )
+    return dataclasses.replace(params, train=train)
+
+
+def make_data(args: argparse.Namespace, seed: int = 0) -> Any:
+    """lorapipe Batches of full rows of random tokens (never zeros): seq inputs + 1 each."""
+    from lorapipe.stages.train import Example, make_batches
+
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(1, COMMON["vocab_size"], (DISTINCT_BATCHES * args.batch, args.seq + 1))
+    examples = [Example(row.tolist(), [0] + [1] * args.seq) for row in rows]
+    batches = make_batches(examples, args.batch)
+    width = batches.tokens[0].shape[1]
+    if width != args.seq + 1:
+        sys.exit(f"bench/train.py: --seq {args.seq} is not a multiple of 32 (rows of {width})")
+    return batches
+
+
+def mlx_model(shape: str, dtype: str, seed: int = 0) -> Any:
+    import mlx.core as mx
+    from mlx_lm.models.llama import Model, ModelArgs
+
+    mx.random.seed(seed)
+    model = Model(ModelArgs(**COMMON, **SHAPES[shape]))
+    model.set_dtype(getattr(mx, dtype))
+    mx.eval(model.parameters())
+    return model
+
+
+def count_params(model: Any) -> tuple[int, int]:
+    from mlx.utils import tree_flatten
+
+    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    return int(total), int(trainable)
+
+
+def free_mlx() -> None:
+    import mlx.core as mx
+
+    gc.collect()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+
+
+def windows_from_marks(marks: list[float], warmup: int, steps: int, tokens: int) -> dict[str, Any]:
+    """Marks: the start, then one time per report. Drops the first `warmup` windows."""
+    seconds = [b - a for a, b in itertools.pairwise(marks)]
+    kept = seconds[warmup:]
+    return {
+        "window_seconds": seconds,
+        "kept": kept,
+        "tokens_per_s": [steps * tokens / s for s in kept],
+        "warmup_s": sum(seconds[:warmup]),
+    }
+
+
+# --- the two MLX trainers, run whole ------------------------------------------------------------
+
+
+class ReportClock:
+    """The tracker train_loop is given: notes when each report arrives, prints nothing."""
+
+    def __init__(self) -> None:
+        self.marks: list[float] = []
+        self.records: list[dict[str, Any]] = []
+
+    def report(self, record: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        # The val report at step 0 marks the start; train reports end the windows.
+        if "train_loss" in record or not self.marks:
+            self.marks.append(now)
+            self.records.append(dict(record))
+
+    def say(self, line: str) -> None:
+        self.records.append({"said": line})
+
+
+def run_lorapipe(
+    args: argparse.Namespace, shape: str, batches: Any, seed: int, clip: bool = True
+) -> dict[str, Any]:
+    import mlx.core as mx
+
+    from lorapipe.stages.train import LoopState, attach_adapters, make_optimizer, train_loop
+
+    total = (args.warmup + args.windows) * args.report_every
+    params = bench_params(args, total)
+    if not clip:  # mlx-lm's trainer does not clip: the same arithmetic as it
+        params = dataclasses.replace(
+            params, train=dataclasses.replace(params.train, max_grad_norm=None)
+        )
+    model = mlx_model(shape, args.dtype, seed)
+    attach_adapters(model, params.lora)
+    optimizer = make_optimizer(params.train, total)
+    clock = ReportClock()
+    free_mlx()
+    with tempfile.TemporaryDirectory() as tmp:
+        state = train_loop(
+            model,
+            optimizer,
+            batches,
+            batches,
+            params,
+            total,
+            LoopState(),
+            Path(tmp),
+            "bench",
+            clock,
+        )
+    result = windows_from_marks(clock.marks, args.warmup, args.report_every, args.batch * args.seq)
+    train_records = [r for r in clock.records if "train_loss" in r]
+    result.update(
+        peak_memory_gb=mx.get_peak_memory() / 1e9,
+        losses=[r["train_loss"] for r in train_records],
+        own_tokens_per_s=[r["tokens_per_second"] for r in train_records],
+        steps=state.step,
+    )
+    del model, optimizer
+    return result
+
+
+def run_mlx_lm(
+    args: argparse.Namespace, shape: str, batches: Any, seed: int, keep_cache: bool = False
+) -> dict[str, Any]:
+    import mlx.core as mx
+    from mlx_lm.tuner.callbacks import TrainingCallback
+    from mlx_lm.tuner.trainer import TrainingArgs, default_loss, train
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from lorapipe.stages.train import adapter_config, batch_order, make_optimizer
+
+    total = (args.warmup + args.windows) * args.report_every
+    params = bench_params(args, total)
+    model = mlx_model(shape, args.dtype, seed)
+    # As mlx_lm.lora does it (and lorapipe's attach_adapters): freeze, then adapters.
+    model.freeze()
+    blocks = len(model.layers)
+    linear_to_lora_layers(model, blocks, adapter_config(params.lora, blocks)["lora_parameters"])
+    optimizer = make_optimizer(params.train, total)
+    marks: list[float] = []
+    reports: list[dict[str, Any]] = []
+
+    class Clock(TrainingCallback):
+        def on_train_loss_report(self, train_info: dict[str, Any]) -> None:
+            marks.append(time.perf_counter())
+            reports.append(dict(train_info))
+
+    lengths = mx.array([[0, args.seq]] * args.batch)  # targets 1..seq: lorapipe's mask
+
+    def same_batches(
+        dataset: Any,
+        batch_size: int,
+        max_seq_length: int,
+        loop: bool = False,
+        seed: int | None = None,
+        comm_group: Any = None,
+    ) -> Any:
+        # mlx-lm's iterate_batches would pad these 129-token rows to 161 (1 + 32 * ceil(129/32)):
+        # hand it lorapipe's arrays instead, so both read exactly the same tokens.
+        marks.append(time.perf_counter())
+        for step in itertools.count():  # train_loop's order, so the losses can be compared
+            epoch, position = divmod(step, len(batches))
+            index = batch_order(params.seed, epoch, len(batches))[position]
+            yield mx.array(batches.tokens[index]), lengths
+
+    training_args = TrainingArgs(
+        batch_size=args.batch,
+        iters=total,
+        val_batches=0,
+        steps_per_report=args.report_every,
+        steps_per_eval=total + 1,
+        steps_per_save=total + 1,
+        max_seq_length=args.seq + 1,
+        # mlx_lm.lora's default, 0, empties MLX's buffer cache after every step.
+        clear_cache_threshold=2**62 if keep_cache else 0,
+    )
+    free_mlx()
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        training_args.adapter_file = str(Path(tmp) / "adapters.safetensors")
+        train(
+            model,
+            optimizer,
+            list(range(len(batches))),
+            None,
+            training_args,
+            loss=default_loss,
+            iterate_batches=same_batches,
+            training_callback=Clock(),
+        )
+    result = windows_from_marks(marks, args.warmup, args.report_every, args.batch * args.seq)
+    result.update(
+        peak_memory_gb=mx.get_peak_memory() / 1e9,
+        losses=[r["train_loss"] for r in reports],
+        own_tokens_per_s=[r["tokens_per_second"] for r in reports],
+        steps=total,
+    )
+    del model, optimizer
+    return result
+
+
+def trainers_case(args: argparse.Namespace, shape: str) -> dict[str, Any]:
+    batches = make_data(args)
+    runners: dict[str, Any] = {
+        "lorapipe": run_lorapipe,  # params.yaml's train settings, gradient clipping included
+        "lorapipe_no_clip": partial(run_lorapipe, clip=False),
+        "mlx_lm": run_mlx_lm,  # as mlx_lm.lora runs it: buffer cache emptied every step
+        "mlx_lm_keep_cache": partial(run_mlx_lm, keep_cache=True),
+    }
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in runners}
+    for repeat in range(args.repeats):
+        for name, runner in runners.items():
+            log(f"  {shape} {name} run {repeat + 1}/{args.repeats} ...")
+            load = os.getloadavg()[0]  # other work on the machine: the noise to expect
+            runs[name].append(runner(args, shape, batches, seed=0))
+            last = runs[name][-1]
+            last["load_before"], last["load_after"] = load, os.getloadavg()[0]
+            log(
+                f"    {statistics.median(last['tokens_per_s']):,.1f} tokens/s "
+                f"(windows {', '.join(f'{t:,.0f}' for t in last['tokens_per_s'])}), "
+                f"first losses {[round(x, 4) for x in last['losses'][:3]]}"
+            )
+            free_mlx()
+    from lorapipe.stages.train import attach_adapters
+
+    model = mlx_model(shape, args.dtype)
+    attach_adapters(model, bench_params(args, 1).lora)
+    total, trainable = count_params(model)
+    # Same weights, batches and order: the losses agree up to rounding (bf16 drifts faster).
+    first = [r["losses"] for r in (runs["lorapipe"][0], runs["mlx_lm"][0])]
+    gaps = [abs(a - b) for a, b in zip(*first, strict=False)]
+    log(
+        f"    loss difference, lorapipe vs mlx-lm run 1: first report {gaps[0]:.2e}, "
+        f"largest {max(gaps):.2e}"
+    )
+    result = {
+        "params": total,
+        "trainable": trainable,
+        "runs": runs,
+        "loss_difference_first": gaps[0],
+        "loss_difference_largest": max(gaps),
+    }
+    summarize(result)
+    return result
+
+
+def summarize(trainers: dict[str, Any]) -> None:
+    """Medians over every kept window of every run of each trainer."""
+    trainers["summary"] = {}
+    for name, results in trainers["runs"].items():
+        tps = [t for r in results for t in r["tokens_per_s"]]
+        trainers["summary"][name] = {
+            "tokens_per_s": statistics.median(tps),
+            "tokens_per_s_min": min(tps),
+            "tokens_per_s_max": max(tps),
+            "per_run_medians": [statistics.median(r["tokens_per_s"]) for r in results],
+            "runs": len(results),
+            "peak_memory_gb": max(r["peak_memory_gb"] for r in results),
+            "mfu": mfu(trainers["params"], statistics.median(tps)),
+        }
+
+
+def mfu(params: int, tokens_per_s: float) -> float:
+    """LoRA: ~4N FLOPs a token (forward 2N + input gradients 2N; attention scores left out)."""
+    return 4 * params * tokens_per_s / (PEAK_BF16_TFLOPS * 1e12)
+
+
+# --- train_loop's step, rebuilt from its pieces: where the time goes -------------------------
+
+
+def ablation_case(args: argparse.Namespace, shape: str) -> dict[str, Any]:
+    """Variants of one training step, interleaved step by step (the same conditions for all).
+
+    `lorapipe` is train_loop's loop body as written (seed, arrays, compiled step with the NaN
+    guard over every gradient and the gradient-norm clipping of params.yaml, eval, three .item()
+    calls); the others remove or replace one piece, or are mlx-lm's step. `guard from the clip
+    norm` is a proposal: the norm clipping computes is finite iff every gradient entry is (the
+    LoRA gradients are float32), so `mx.isfinite(norm)` can replace the separate pass."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.trainer import default_loss
+
+    from lorapipe.stages.train import attach_adapters, make_optimizer, masked_loss, step_seed
+
+    batches = make_data(args)
+    params = bench_params(args, 1000)
+    lengths = mx.array([[0, args.seq]] * args.batch)
+
+    def build(kind: str) -> Any:
+        model = mlx_model(shape, args.dtype)
+        attach_adapters(model, params.lora)
+        optimizer = make_optimizer(params.train, 1000)
+        state = [model.state, optimizer.state, mx.random.state]
+        if kind == "forward only":
+            model.eval()
+
+            def forward(i: int) -> None:
+                loss, _ = masked_loss(
+                    model,
+                    mx.array(batches.tokens[i % len(batches)]),
+                    mx.array(batches.targets[i % len(batches)]),
+                )
+                mx.eval(loss)
+
+            return forward
+        if kind.startswith("mlx-lm step"):
+            clear = kind == "mlx-lm step, cache cleared"
+            mlx_lm_grad = nn.value_and_grad(model, default_loss)
+
+            @partial(mx.compile, inputs=state, outputs=state)
+            def mlx_lm_step(batch: Any, lengths: Any) -> Any:
+                (loss, toks), grad = mlx_lm_grad(model, batch, lengths)
+                optimizer.update(model, grad)
+                return loss, toks
+
+            def run_mlx_lm(i: int) -> None:
+                loss, toks = mlx_lm_step(mx.array(batches.tokens[i % len(batches)]), lengths)
+                mx.eval(state, loss, toks)
+                if clear:  # what mlx-lm's trainer does after every step by default
+                    mx.clear_cache()
+                float(loss.item())
+
+            return run_mlx_lm
+        guard, clip = VARIANTS[kind]
+        max_norm = params.train.max_grad_norm or 1.0
+        loss_and_grad = nn.value_and_grad(model, masked_loss)
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def step(tokens: Any, targets: Any) -> Any:  # train_loop's step, accumulate = 1
+            (loss, count), grad = loss_and_grad(model, tokens, targets)
+            finite = mx.array(True)
+            if guard == "every gradient":
+                finite = mx.stack([mx.isfinite(g).all() for _, g in tree_flatten(grad)]).all()
+            if clip:
+                grad, norm = optim.clip_grad_norm(grad, max_norm)
+                if guard == "clip norm":
+                    finite = mx.isfinite(norm)
+            optimizer.update(model, grad)
+            return loss, count, finite
+
+        def run_lorapipe(i: int) -> None:
+            mx.random.seed(step_seed(42, i))
+            index = i % len(batches)
+            loss, count, finite = step(
+                mx.array(batches.tokens[index]), mx.array(batches.targets[index])
+            )
+            mx.eval(state, loss, count, finite)
+            _ = (float(loss.item()), bool(finite.item()), int(count.item()))
+
+        return run_lorapipe
+
+    kinds = args.variants.split(";")
+    runners = {kind: build(kind) for kind in kinds}
+    seconds: dict[str, list[float]] = {kind: [] for kind in kinds}
+    rounds = 1 + args.windows  # the first round compiles: dropped
+    for r in range(rounds):
+        for kind in kinds:
+            for i in range(args.ablation_steps):
+                tic = time.perf_counter()
+                runners[kind](r * args.ablation_steps + i)
+                if r:
+                    seconds[kind].append(time.perf_counter() - tic)
+    tokens = args.batch * args.seq
+    result: dict[str, Any] = {
+        kind: {
+            "seconds": s,
+            "median_ms": statistics.median(s) * 1e3,
+            "tokens_per_s": tokens / statistics.median(s),
+        }
+        for kind, s in seconds.items()
+    }
+    for kind, r in result.items():
+        log(f"    {kind:<36} {r['median_ms']:9.2f} ms/step  {r['tokens_per_s']:10,.0f} tokens/s")
+    return result
+
+
+# Step variants rebuilt from train_loop's pieces: (NaN guard, gradient clipping). The ablation
+# also knows "mlx-lm step", "mlx-lm step, cache cleared" and "forward only".
+VARIANTS: dict[str, tuple[str | None, bool]] = {
+    "lorapipe": ("every gradient", True),
+    "lorapipe, guard from the clip norm": ("clip norm", True),
+    "lorapipe without guard": (None, True),
+    "lorapipe without clipping": ("every gradient", False),
+    "lorapipe without guard and clipping": (None, False),
+}
+
+
+def micro_case(args: argparse.Namespace, shape: str) -> dict[str, Any]:
+    """The NaN guard alone (over a gradient-shaped tree) and mx.random.seed alone."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from lorapipe.stages.train import attach_adapters, step_seed
+
+    model = mlx_model(shape, args.dtype)
+    attach_adapters(model, bench_params(args, 1).lora)
+    grads = [
+        mx.random.normal(v.shape).astype(v.dtype)
+        for _, v in tree_flatten(model.trainable_parameters())
+    ]
+    mx.eval(grads)
+
+    @mx.compile
+    def guard(*g: Any) -> Any:
+        return mx.stack([mx.isfinite(x).all() for x in g]).all()
+
+    def timed(fn: Any, repeats: int, inner: int) -> float:
+        fn()
+        samples = []
+        for _ in range(repeats):
+            tic = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples.append((time.perf_counter() - tic) / inner)
+        return statistics.median(samples)
+
+    def seed_step() -> None:
+        mx.random.seed(step_seed(42, 7))
+        mx.eval(mx.random.state)
+
+    result = {
+        "gradient_arrays": len(grads),
+        "isfinite_guard_ms": timed(lambda: mx.eval(guard(*grads)), 7, 20) * 1e3,
+        "random_seed_us": timed(seed_step, 7, 200) * 1e6,
+        "item_us": timed(lambda: float(grads[0].sum().item()), 7, 200) * 1e6,
+    }
+    log(
+        f"    NaN guard over {len(grads)} arrays: {result['isfinite_guard_ms']:.3f} ms; "
+        f"mx.random.seed + eval: {result['random_seed_us']:.1f} us; "
+        f"small reduction + .item(): {result['item_us']:.1f} us"
+    )
+    return result
+
+
+# --- MLX's bundled BLAS (CPU): lorapipe's loop, a couple of steps -------------------------------
+
+
+def bundled_case(args: argparse.Namespace) -> dict[str, Any]:
+    env = {**os.environ, "LORAPIPE_BLAS": "bundled"}
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "bundled",
+        "--device",
+        args.device,
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+        "--dtype",
+        args.dtype,
+        "--warmup",
+        "1",
+        "--windows",
+        str(args.bundled_steps),
+        "--report-every",
+        "1",
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"bench/train.py: the LORAPIPE_BLAS=bundled worker failed:\n{done.stderr}")
+    result: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+    return result
+
+
+def bundled_worker(args: argparse.Namespace) -> None:
+    shape = args.shapes.split(",")[0]
+    result = run_lorapipe(args, shape, make_data(args), seed=0)
+    result["blas"] = str(runtime.blas_info())
+    result["median_tokens_per_s"] = statistics.median(result["tokens_per_s"])
+    print(json.dumps(result))
+
+
+# --- padding on the demo data -------------------------------------------------------------------
+
+
+def padding_case(args: argparse.Namespace) -> dict[str, Any]:
+    """Padding of lorapipe's batches of data/sanitized/train.jsonl: PAD_TO 32 (as shipped), 8,
+    1; mlx-lm's own rule (1 + 32 * ceil(longest / 32)); and greedy packing into rows of
+    max_seq_length tokens (not implemented in lorapipe: an upper bound on what it could save)."""
+    from mlx_lm.utils import load_tokenizer
+
+    from lorapipe.params import load_params
+    from lorapipe.stages import train as train_stage
+
+    params = load_params(ROOT / "params.yaml")
+    base = ROOT / params.paths.base
+    split = ROOT / params.paths.sanitized / "train.jsonl"
+    if not (base / "tokenizer.json").is_file() or not split.is_file():
+        log(f"    padding: skipped ({base} or {split} missing; run `dvc repro sanitize`)")
+        return {"skipped": f"{base} or {split} missing"}
+    tokenizer = load_tokenizer(base)
+    examples = train_stage.load_split(split, tokenizer, params.train.mask_prompt)
+    batch = params.train.batch_size
+    lengths = sorted(len(e.tokens) for e in examples)
+    result: dict[str, Any] = {
+        "rows": len(examples),
+        "batch_size": batch,
+        "tokens_mean": statistics.mean(lengths),
+        "tokens_median": statistics.median(lengths),
+        "tokens_max": lengths[-1],
+    }
+    shipped = train_stage.PAD_TO
+    try:
+        for pad in (32, 8, 1):
+            train_stage.PAD_TO = pad
+            made = train_stage.make_batches(examples, batch)
+            result[f"pad_to_{pad}"] = made.padding_fraction
+            # Each distinct width is one more trace + compile of the step.
+            result[f"pad_to_{pad}_widths"] = len({t.shape[1] for t in made.tokens})
+    finally:
+        train_stage.PAD_TO = shipped
+    # mlx-lm's iterate_batches on the same length-sorted groups.
+    groups = [lengths[i : i + batch] for i in range(0, len(lengths) - batch + 1, batch)]
+    real = sum(sum(g) for g in groups)
+    padded = sum(batch * (1 + 32 * math.ceil(max(g) / 32)) for g in groups)
+    result["mlx_lm_rule"] = 1 - real / padded
+    # Greedy first-fit-decreasing packing into rows of max_seq_length tokens.
+    capacity = params.train.max_seq_length
+    free: list[int] = []
+    for n in reversed(lengths):
+        for j, room in enumerate(free):
+            if room >= n:
+                free[j] -= n
+                break
+        else:
+            free.append(capacity - n)
+    rows = math.ceil(len(free) / batch) * batch
+    result["packed_rows"] = len(free)
+    result["packed"] = 1 - sum(lengths) / (rows * capacity)
+    widths = (f"PAD_TO {pad}: {result[f'pad_to_{pad}_widths']}" for pad in (32, 8, 1))
+    log("    distinct batch widths: " + ", ".join(widths))
+    log(
+        "    padding fraction: "
+        + ", ".join(
+            f"{k} {result[k]:.1%}"
+            for k in ("pad_to_32", "pad_to_8", "pad_to_1", "mlx_lm_rule", "packed")
+        )
+    )
+    return result
+
+
+# --- PyTorch + PEFT (GPU) -----------------------------------------------------------------------
+
+
+def torch_worker(args: argparse.Namespace) -> None:
+    """One case in a fresh process: eager or torch.compile, one shape. Prints JSON."""
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape, compiled = args.shapes, args.worker == "torch-compile"
+    lora = bench_params(args, 1).lora
+    torch.manual_seed(0)
+    fields = {k: v for k, v in {**COMMON, **SHAPES[shape]}.items() if k != "model_type"}
+    config = LlamaConfig(**fields, max_position_embeddings=max(2048, args.seq + 1))
+    config._attn_implementation = "sdpa"  # what MLX's fast attention does: fused SDPA
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.scale * lora.rank,
+            lora_dropout=lora.dropout,
+            target_modules=list(LINEAR),
+            task_type="CAUSAL_LM",
+        ),
+    )
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=2e-3, weight_decay=0.0)
+
+    def loss_fn(tokens: Any, mask: Any) -> Any:  # as masked_loss: bf16 logits, fp32 sum
+        logits = model(input_ids=tokens[:, :-1], use_cache=False).logits
+        ce = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+        return (ce.float() * mask.flatten()).sum() / mask.sum()
+
+    fn = torch.compile(loss_fn) if compiled else loss_fn
+    data = [
+        torch.randint(1, COMMON["vocab_size"], (args.batch, args.seq + 1), device="cuda")
+        for _ in range(DISTINCT_BATCHES)
+    ]
+    mask = torch.ones(args.batch, args.seq, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    marks, losses = [time.perf_counter()], []
+    for i in range((args.warmup + args.windows) * args.report_every):
+        loss = fn(data[i % DISTINCT_BATCHES], mask)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())  # a sync per step, as the MLX trainers' mx.eval
+        if (i + 1) % args.report_every == 0:
+            marks.append(time.perf_counter())
+    result = windows_from_marks(marks, args.warmup, args.report_every, args.batch * args.seq)
+    result.update(
+        peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9,
+        losses=losses[:: args.report_every],
+        params=sum(p.numel() for p in model.parameters()),
+        trainable=sum(p.numel() for p in trainable),
+        attention=model.config._attn_implementation,
+        adapter_dtype=str(trainable[0].dtype),
+    )
+    print(json.dumps(result))
+
+
+def torch_case(args: argparse.Namespace, shape: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for mode in ("torch-eager", "torch-compile"):
+        log(f"  {shape} {mode} ...")
+        command = [
+            sys.executable,
+            __file__,
+            "--worker",
+            mode,
+            "--device",
+            args.device,
+            "--shapes",
+            shape,
+            "--batch",
+            str(args.batch),
+            "--seq",
+            str(args.seq),
+            "--warmup",
+            str(args.warmup),
+            "--windows",
+            str(args.windows),
+            "--report-every",
+            str(args.report_every),
+        ]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            log(f"    failed:\n{done.stderr[-3000:]}")
+            out[mode] = {"error": done.stderr[-3000:]}
+            continue
+        r = json.loads(done.stdout.splitlines()[-1])
+        r["tokens_per_s_median"] = statistics.median(r["tokens_per_s"])
+        r["mfu"] = mfu(r["params"], r["tokens_per_s_median"])
+        out[mode] = r
+        log(
+            f"    {r['tokens_per_s_median']:,.0f} tokens/s, {r['peak_memory_gb']:.1f} GB, "
+            f"warm-up {r['warmup_s']:.1f} s"
+        )
+    return out
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def machine(device: str) -> dict[str, Any]:
+    cpu = platform.machine()
+    with contextlib.suppress(OSError):
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    if device == "gpu":
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            query = [
+                "nvidia-smi",
+                "--query-gpu=name,memory.total,driver_version",
+                "--format=csv,noheader",
+            ]
+            info["gpu"] = subprocess.run(query, capture_output=True, text=True).stdout.strip()
+    return info
+
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    names = (
+        "mlx",
+        "mlx-cpu",
+        "mlx-cuda-13",
+        "mlx-lm",
+        "scipy-openblas32",
+        "torch",
+        "transformers",
+        "peft",
+        "numpy",
+    )
+    found = {}
+    for name in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[name] = metadata.version(name)
+    return found
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    rows: list[tuple[str, ...]] = [
+        (
+            "shape",
+            "trainer",
+            "tokens/s (min-max)",
+            "ms/step",
+            "peak GB",
+            "MFU",
+            "vs mlx-lm",
+            "vs mlx-lm, cache kept",
+        )
+    ]
+    tokens = report["settings"]["batch"] * report["settings"]["seq"]
+    for shape in (s for s in SHAPES if s in report["shapes"]):
+        cases = report["shapes"][shape]
+        entries: list[tuple[str, float, str, float, int]] = []
+        trainers = cases.get("trainers", {})
+        for name in ("lorapipe", "lorapipe_no_clip", "mlx_lm", "mlx_lm_keep_cache"):
+            if name in trainers.get("summary", {}):
+                s = trainers["summary"][name]
+                spread = (
+                    f"{s['tokens_per_s']:,.0f} ({s['tokens_per_s_min']:,.0f}-"
+                    f"{s['tokens_per_s_max']:,.0f})"
+                )
+                entries.append(
+                    (name, s["tokens_per_s"], spread, s["peak_memory_gb"], trainers["params"])
+                )
+        for mode in ("torch-eager", "torch-compile"):
+            r = cases.get("torch", {}).get(mode, {})
+            if "tokens_per_s" in r:
+                t = r["tokens_per_s_median"]
+                spread = f"{t:,.0f} ({min(r['tokens_per_s']):,.0f}-{max(r['tokens_per_s']):,.0f})"
+                entries.append(
+                    (
+                        mode.replace("torch-", "PyTorch+PEFT "),
+                        t,
+                        spread,
+                        r["peak_memory_gb"],
+                        r["params"],
+                    )
+                )
+        bases = [
+            next((e[1] for e in entries if e[0] == b), None)
+            for b in ("mlx_lm", "mlx_lm_keep_cache")
+        ]
+        for name, t, spread, peak, n in entries:
+            rows.append(
+                (
+                    shape,
+                    name,
+                    spread,
+                    f"{tokens / t * 1e3:,.1f}",
+                    f"{peak:.2f}",
+                    f"{mfu(n, t):.1%}" if report["device"] == "gpu" else "-",
+                    *(f"{t / b:.3f}x" if b else "-" for b in bases),
+                )
+            )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+        for row in rows
+    ]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def merge(paths: list[Path], output: Path) -> None:
+    """One report from several runs of this script (the GPU machine takes MLX and PyTorch in
+    separate calls): settings from the first, every shape's cases from all."""
+    reports = [json.loads(p.read_text()) for p in paths]
+    merged = reports[0]
+    merged["merged_from"] = [
+        {
+            "date": r["date"],
+            "frameworks": r["settings"]["frameworks"],
+            "settings": r["settings"],
+            "machine": r["machine"],
+            "versions": r["versions"],
+        }
+        for r in reports
+    ]
+    for other in reports[1:]:
+        for shape, cases in other["shapes"].items():
+            mine = merged["shapes"].setdefault(shape, {})
+            for case, value in cases.items():
+                if case == "trainers" and case in mine:  # pool the runs of both reports
+                    for name, runs in value["runs"].items():
+                        mine[case]["runs"].setdefault(name, []).extend(runs)
+                    summarize(mine[case])
+                else:
+                    mine[case] = value
+        merged["versions"].update(other["versions"])
+    print(summary_table(merged))
+    atomic_write_json(output, merged)
+    print(f"\nwrote {output}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=sorted(DEFAULTS), default="cpu")
+    parser.add_argument("--shapes", help="comma-separated: " + ", ".join(SHAPES))
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--seq", type=int, help="tokens a row feeds the model (multiple of 32)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--report-every", type=int, help="steps per timed window")
+    parser.add_argument("--warmup", type=int, help="windows dropped at the start of each run")
+    parser.add_argument("--windows", type=int, help="timed windows per run")
+    parser.add_argument("--repeats", type=int, help="runs of each trainer, alternating")
+    parser.add_argument("--frameworks", help="mlx,torch")
+    parser.add_argument("--cases", help="trainers,ablation,micro,padding")
+    parser.add_argument("--ablation-steps", type=int, help="steps per variant per round")
+    parser.add_argument("--variants", help="ablation variants, separated by ';'")
+    parser.add_argument("--bundled-steps", type=int, help="CPU: timed bundled-BLAS steps; 0: off")
+    parser.add_argument("--output", type=Path)
+    parser.add_argument("--merge", type=Path, nargs="+", help="combine reports into --output")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    for key, value in DEFAULTS[args.device].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.merge:
+        merge(args.merge, args.output or RESULTS / f"train-{args.device}.json")
+        return
+    if args.worker in ("torch-eager", "torch-compile"):
+        torch_worker(args)
+        return
+    frameworks = args.frameworks.split(",")
+    if "mlx" in frameworks:
+        runtime.setup()  # before mlx.core is imported: OpenBLAS on Linux CPU
+    if args.worker == "bundled":
+        bundled_worker(args)
+        return
+    output = args.output or RESULTS / f"train-{args.device}.json"
+    cases = args.cases.split(",")
+    settings = {k: getattr(args, k) for k in DEFAULTS[args.device]}
+    settings["OPENBLAS_NUM_THREADS"] = os.environ.get("OPENBLAS_NUM_THREADS", "unset")
+    report: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "device": args.device,
+        "machine": machine(args.device),
+        "versions": versions(),
+        "settings": settings,
+        "shapes": {},
+    }
+    if "mlx" in frameworks:
+        import mlx.core as mx
+
+        from lorapipe.params import load_params
+
+        lora = load_params(ROOT / "params.yaml").lora
+        report["mlx_device"] = str(mx.default_device())
+        report["blas"] = str(runtime.blas_info()) if args.device == "cpu" else None
+        report["lora"] = dataclasses.asdict(lora)
+        train = bench_params(args, 1).train
+        keys = ("optimizer", "learning_rate", "weight_decay", "lr_schedule", "warmup_steps")
+        report["train"] = {k: getattr(train, k) for k in (*keys, "max_grad_norm")}
+    shown = ("date", "machine", "versions", "settings", "mlx_device", "blas", "lora", "train")
+    for key in shown:
+        if key in report:
+            log(f"{key:<11} {report[key]}")
+    for shape in args.shapes.split(","):
+        log(f"{shape}: {SHAPES[shape]}")
+        cases_out: dict[str, Any] = {}
+        report["shapes"][shape] = cases_out
+        if "mlx" in frameworks:
+            if "trainers" in cases:
+                cases_out["trainers"] = trainers_case(args, shape)
+            if "ablation" in cases:
+                log(f"  {shape} ablation (step variants, interleaved) ...")
+                cases_out["ablation"] = ablation_case(args, shape)
+                free_mlx()
+            if "micro" in cases:
+                log(f"  {shape} micro ...")
+                cases_out["micro"] = micro_case(args, shape)
+                free_mlx()
+        if "torch" in frameworks:
+            cases_out["torch"] = torch_case(args, shape)
+        atomic_write_json(output, report)  # keep what is done if a later case dies
+    if "mlx" in frameworks and "padding" in cases:
+        log("padding on the demo data ...")
+        report["padding"] = padding_case(args)
+    if "mlx" in frameworks and args.device == "cpu" and args.bundled_steps:
+        log(f"LORAPIPE_BLAS=bundled: lorapipe, 1 warm-up + {args.bundled_steps} steps ...")
+        report["bundled"] = bundled_case(args)
+        log(
+            f"    {report['bundled']['median_tokens_per_s']:.2f} tokens/s "
+            f"({report['bundled']['blas']})"
+        )
+    atomic_write_json(output, report)
+    print(summary_table(report))
+    print(f"\nwrote {output}")
+
+
+if __name__ == "__main__":
+    main()
