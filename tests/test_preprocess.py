@@ -98,13 +98,13 @@ def test_ratio_limits_per_file_in_chars_and_tokens(tmp_path: Path, shipped: Para
 
 
 def test_token_ratio_uses_the_tokenizer(tiny_model_dir: Path, tmp_path: Path, shipped: Params):
-    from lorapipe.tokens import count_tokens, load_base_tokenizer
+    from lorapipe.tokens import BaseTokenizer
 
-    tokenizer = load_base_tokenizer(tiny_model_dir)
+    tokenizer = BaseTokenizer(tiny_model_dir)
     # Same characters, very different token counts: digits the tiny BPE learned vs. rare bytes.
     path = write_jsonl(tmp_path / "p.jsonl", [{"input": "0123456789" * 3, "output": "ŧ€ʬ" * 3}])
     limits = (RatioLimit("*", max_char_ratio=None, max_token_ratio=1.0),)
-    outcome = run(path, shipped, lambda t: count_tokens(tokenizer, t), pre={"ratio_limits": limits})
+    outcome = run(path, shipped, tokenizer.count, pre={"ratio_limits": limits})
     assert [r["reason"] for r in outcome.rejected] == ["token_ratio"]
 
 

@@ -277,11 +277,25 @@ _SECRET_RULES = (
 )
 
 
+def _trigger_scanner(ignore_case: bool) -> re.Pattern[str]:
+    """One regex that finds every trigger of these rules, overlapping ones too (a lookahead)."""
+    triggers = {t for r in _SECRET_RULES if r.ignore_case == ignore_case for t in r.triggers}
+    return re.compile("(?=(" + "|".join(map(re.escape, sorted(triggers))) + "))")
+
+
+# One scan of a clean string for all triggers instead of a substring test per trigger (3.5 M of
+# those on the 25k-row data benchmark).
+_TRIGGERS = {ignore_case: _trigger_scanner(ignore_case) for ignore_case in (False, True)}
+
+
 def _find_api_keys(text: str) -> Iterator[Finding]:
+    present = set(_TRIGGERS[False].findall(text))
     lowered = text.lower()
+    present.update(_TRIGGERS[True].findall(lowered))
+    if not present:
+        return
     for rule in _SECRET_RULES:
-        haystack = lowered if rule.ignore_case else text
-        if not any(t in haystack for t in rule.triggers):
+        if not any(t in present for t in rule.triggers):
             continue
         for m in rule.pattern.finditer(text):
             if rule.check is None or rule.check(m.group(rule.group)):

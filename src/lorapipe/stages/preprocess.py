@@ -247,15 +247,10 @@ def _reason_of(error: str | None) -> str:
 
 
 def main(params: Params) -> None:
-    from lorapipe.tokens import count_tokens, load_base_tokenizer
+    from lorapipe.tokens import BaseTokenizer
 
-    tokenizer = load_base_tokenizer(params.paths.base)
-    outcome = preprocess(
-        read_source(params.data),
-        params.data,
-        params.preprocess,
-        lambda texts: count_tokens(tokenizer, texts),
-    )
+    tokenizer = BaseTokenizer(params.paths.base)
+    outcome = preprocess(read_source(params.data), params.data, params.preprocess, tokenizer.count)
     if not outcome.kept:
         m = outcome.metrics()
         raise PreprocessError(

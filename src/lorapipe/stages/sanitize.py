@@ -52,6 +52,9 @@ class SplitReport:
             "rows_in": self.rows_in,
             "rows": len(self.kept),
             "quarantined": len(self.quarantined),
+            "quarantined_by_reason": dict(
+                sorted(Counter(q["reason"] for q in self.quarantined).items())
+            ),
             "truncated": self.truncated,
             "rows_with_pii": self.pii_rows,
             "tokens": _stats(self.lengths),
@@ -99,7 +102,9 @@ def sanitize_split(
     for row in rows:
         problem = role_problem(row)
         if problem is not None:
-            report.quarantined.append(_quarantine(name, row, "role_order", problem))
+            # Its PII is not counted (the row is not trained on) but is not kept either.
+            clean = _redacted(row, scrubber)
+            report.quarantined.append(_quarantine(name, clean, "role_order", problem))
             continue
         found = _scrub(row, scrubber, params.pii_action)
         if found:
@@ -107,7 +112,8 @@ def sanitize_split(
             report.pii_rows += 1
             if params.pii_action == "drop":
                 kinds = ", ".join(sorted(found))
-                report.quarantined.append(_quarantine(name, row, "pii", f"contains {kinds}"))
+                clean = _redacted(row, scrubber)  # the quarantine file keeps no PII either
+                report.quarantined.append(_quarantine(name, clean, "pii", f"contains {kinds}"))
                 continue
         candidates.append(row)
 
@@ -151,6 +157,17 @@ def _scrub(row: dict[str, Any], scrubber: Any, action: str) -> Counter[str]:
     return found
 
 
+def _redacted(value: Any, scrubber: Any) -> Any:
+    """A copy of a JSON value with every string redacted, whatever its shape."""
+    if isinstance(value, str):
+        return scrubber.redact(value)[0]
+    if isinstance(value, list):
+        return [_redacted(v, scrubber) for v in value]
+    if isinstance(value, dict):
+        return {k: _redacted(v, scrubber) for k, v in value.items()}
+    return value
+
+
 def _quarantine(split: str, row: dict[str, Any], reason: str, detail: str) -> dict[str, Any]:
     source = row.get("meta", {}).get("source", "?")
     return {"split": split, "source": source, "reason": reason, "detail": detail, "row": row}
@@ -170,40 +187,47 @@ def _stats(lengths: list[int]) -> dict[str, float]:
     }
 
 
-class BaseTokenizer:
+class ChatLengths:
     """Lengths and truncation with the base model's tokenizer and chat template."""
 
     def __init__(self, base_dir: str) -> None:
-        from lorapipe.tokens import load_base_tokenizer
+        from lorapipe.tokens import BaseTokenizer
 
-        self.hf = load_base_tokenizer(base_dir)
+        self.tokenizer = BaseTokenizer(base_dir)
 
     def render(self, row: dict[str, Any]) -> str:
         if "text" in row:
             return str(row["text"])
-        return str(self.hf.apply_chat_template(row["messages"], tokenize=False))
+        return self.tokenizer.render(row["messages"])
 
     def lengths(self, conversations: list[dict[str, Any]]) -> list[int]:
-        from lorapipe.tokens import count_tokens
-
-        return count_tokens(self.hf, [self.render(row) for row in conversations])
+        return self.tokenizer.count([self.render(row) for row in conversations])
 
     def truncate_answer(self, row: dict[str, Any], max_tokens: int) -> dict[str, Any] | None:
-        if "text" in row:
-            ids = self.hf(row["text"], add_special_tokens=False)["input_ids"][:max_tokens]
-            return {**row, "text": self.hf.decode(ids)}
-        messages = [dict(m) for m in row["messages"]]
-        answer = self.hf(messages[-1]["content"], add_special_tokens=False)["input_ids"]
-        overflow = self.lengths([row])[0] - max_tokens
-        keep = len(answer) - overflow
-        # Re-tokenizing a cut text can merge differently at the cut: shorten until it fits.
+        """`row` with its last answer (a text row: its text) cut to fit, or None if the rest of
+        the row alone does not fit."""
+        tok = self.tokenizer
+        answer = tok.encode(row["text"] if "text" in row else row["messages"][-1]["content"])
+        keep = len(answer) - (self.lengths([row])[0] - max_tokens)
+        # Re-tokenizing a cut text can merge differently at the cut, and a cut inside a
+        # character decodes to U+FFFD, which the data never had (and which can take more tokens
+        # than the bytes it replaces): shorten until the cut ends on a whole character and fits.
         while keep > 0:
-            messages[-1]["content"] = self.hf.decode(answer[:keep])
-            cut = {**row, "messages": messages}
-            if messages[-1]["content"].strip() and self.lengths([cut])[0] <= max_tokens:
+            text = tok.decode(answer[:keep])
+            cut = _with_answer(row, text)
+            whole = bool(text.strip()) and not text.endswith("\ufffd")
+            if whole and self.lengths([cut])[0] <= max_tokens:
                 return cut
             keep -= 1
         return None
+
+
+def _with_answer(row: dict[str, Any], answer: str) -> dict[str, Any]:
+    if "text" in row:
+        return {**row, "text": answer}
+    messages = [dict(m) for m in row["messages"]]
+    messages[-1]["content"] = answer
+    return {**row, "messages": messages}
 
 
 def contract(
@@ -272,6 +296,11 @@ def render_report(data: dict[str, Any]) -> str:
         **{f"rejected: {k}": v for k, v in pre.get("rejected_by_reason", {}).items()},
         **{f"quarantined: {k}": v for k, v in pre.get("quarantined_by_reason", {}).items()},
     }
+    # Sanitize's reasons summed over the splits (per split in metrics/data.json).
+    sanitized: Counter[str] = Counter()
+    for split in data["splits"].values():
+        sanitized.update(split["quarantined_by_reason"])
+    reasons.update({f"sanitize: {k}": v for k, v in sorted(sanitized.items())})
     lines += ["", "## Set aside, by reason", "", "| reason | rows |", "|---|---|"]
     lines += [f"| {reason} | {count} |" for reason, count in reasons.items()]
     lines += [
@@ -292,7 +321,7 @@ def main(params: Params) -> None:
 
     split_dir = Path(params.paths.split)
     scrubber = Scrubber(params.sanitize.pii_kinds, phone_region=params.sanitize.phone_region)
-    tokenizer = BaseTokenizer(params.paths.base)
+    tokenizer = ChatLengths(params.paths.base)
     reports: dict[str, SplitReport] = {}
     for name in SPLITS:
         path = split_dir / f"{name}.jsonl"
