@@ -122,8 +122,8 @@ def render_report(
             "",
             "## Training",
             "",
-            f"{t('steps')} steps; validation loss {t('best_val_loss')} at its best (step "
-            f"{t('best_step')}, kept: {t('kept')}), {t('final_val_loss')} at the end; "
+            f"{t('steps')} steps; validation loss {_num(t('best_val_loss'))} at its best (step "
+            f"{t('best_step')}, kept: {t('kept')}), {_num(t('final_val_loss'))} at the end; "
             f"{t('seen_tokens')} tokens at {t('tokens_per_second')} tokens/s; peak memory "
             f"{t('peak_memory_gb')} GB. Curves: `dvc plots show`.",
         ]
@@ -133,11 +133,21 @@ def render_report(
     lines += ["", f"## Generations, worst {focus} first", ""]
     for i in ranked[:examples]:
         lines.append(f"**{generations[focus][i]['source']}**  ")
-        lines.append(f"- reference: `{generations[focus][i]['reference']}`")
+        lines.append(f"- reference: {_code(generations[focus][i]['reference'])}")
         for name in names:
-            lines.append(f"- {name}: `{generations[name][i]['prediction'][:300]}`")
+            lines.append(f"- {name}: {_code(generations[name][i]['prediction'][:300])}")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _code(text: str) -> str:
+    """Inline code that survives any text: newlines shown as \\n, backticks fenced by two."""
+    text = text.replace("\n", "\\n")
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
 
 
 def main(params: Params) -> None:
