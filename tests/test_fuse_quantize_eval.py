@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -116,3 +117,45 @@ def test_generate_says_which_model_it_loaded(trained: Path, tmp_path: Path) -> N
     missing = run(project, "generate", "hi")
     assert missing.returncode == 1
     assert "no model to generate with" in missing.stderr and "dvc repro quantize" in missing.stderr
+
+
+def test_qlora_on_a_quantized_base_trains_and_fuses_without_losing_the_update(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """QLoRA: a 4-bit base trains (LoRA on QuantizedLinear layers) and fuses on dequantized
+    weights, so the fused model equals base + adapter instead of the base re-rounded."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from lorapipe.params import load_params
+    from lorapipe.stages.base import import_base_model
+    from tests.test_train import make_project
+
+    project = make_project(tmp_path / "project", tiny_model_dir)
+    shutil.rmtree(project / "models" / "base")
+    model = dataclasses.replace(
+        load_params(project / "params.yaml").model,
+        source=str(tiny_model_dir),
+        quantize_bits=4,
+        quantize_group_size=32,
+    )
+    import_base_model(model, project / "models" / "base")
+    assert "quantization" in json.loads((project / "models" / "base" / "config.json").read_text())
+    set_train(project, iters=30, steps_per_eval=15, save_every=15, learning_rate=1e-2)
+
+    assert (result := train(project)).returncode == 0, result.stderr
+    assert (result := run(project, "fuse")).returncode == 0, result.stderr
+    check = json.loads((project / "metrics" / "fuse.json").read_text())
+    assert check["greedy_agreement"] == 1.0 and check["max_relative_logit_diff"] < 1e-3
+
+    fused_config = json.loads((project / "models" / "fused" / "config.json").read_text())
+    assert "quantization" not in fused_config  # the quantize stage quantizes, not fuse
+    fused, tokenizer = load(str(project / "models" / "fused"))
+    base, _ = load(str(project / "models" / "base"))
+    tuned, _ = load(
+        str(project / "models" / "base"), adapter_path=str(project / "models" / "adapters")
+    )
+    ids = mx.array([tokenizer.encode("Please meet Alice on day 3 about item 7.")])
+    update = mx.abs(tuned(ids) - base(ids)).max().item()
+    assert update > 1e-2, "the adapter changes the quantized model's output"
+    assert mx.abs(fused(ids) - tuned(ids)).max().item() < 1e-3 * max(update, 1.0)
