@@ -76,12 +76,24 @@ def workload(tokenizer: Any, test_split: Path, count: int) -> tuple[list[list[in
     return prompts, budgets
 
 
-def batched(model: Any, tokenizer: Any, prompts: list[list[int]], budgets: list[int], size: int):
+def batched(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    budgets: list[int],
+    size: int,
+    prefill: int | None = None,
+):
     from mlx_lm.generate import batch_generate
 
     tic = time.perf_counter()
     response = batch_generate(
-        model, tokenizer, prompts, max_tokens=budgets, completion_batch_size=size
+        model,
+        tokenizer,
+        prompts,
+        max_tokens=budgets,
+        completion_batch_size=size,
+        prefill_batch_size=prefill or size,
     )
     seconds = time.perf_counter() - tic
     return response.stats.generation_tokens, seconds, list(response.texts)
@@ -108,6 +120,9 @@ def main() -> None:
     parser.add_argument("--test-split", default=str(ROOT / "data" / "sanitized" / "test.jsonl"))
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=None, help="default: eval.batch_size")
+    parser.add_argument(
+        "--prefill-batch-size", type=int, default=None, help="default: the batch size"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "generate-cpu.json"))
     args = parser.parse_args()
@@ -127,7 +142,9 @@ def main() -> None:
     for _ in range(args.repeats):
         for mode in runs:
             if mode == "batched":
-                tokens, seconds, texts[mode] = batched(model, tokenizer, prompts, budgets, size)
+                tokens, seconds, texts[mode] = batched(
+                    model, tokenizer, prompts, budgets, size, args.prefill_batch_size
+                )
             else:
                 tokens, seconds, texts[mode] = one_by_one(model, tokenizer, prompts, budgets)
             runs[mode].append({"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds})
@@ -153,6 +170,7 @@ def main() -> None:
         "prompts": len(prompts),
         "budgets": budgets,
         "batch_size": size,
+        "prefill_batch_size": args.prefill_batch_size or size,
         "runs": runs,
         "median_tokens_per_s": medians,
         "ratio": ratio,

@@ -2,6 +2,8 @@
 
     uv run python bench/train.py                          # CPU: ~10 min on 2 cores
     uv run python bench/train.py --bundled-steps 0        # without the bundled-BLAS run (~5 min)
+    uv run python bench/train.py --shapes tiny --batch 2 --seq 32 --repeats 1 --windows 2 \
+        --report-every 2 --ablation-steps 2 --bundled-steps 0 --cases trainers,ablation  # smoke
     python3 bench/train.py --device gpu --frameworks torch --output $OUT/torch.json
     python3 bench/train.py --device gpu --frameworks mlx --output $OUT/mlx.json
     uv run python bench/train.py --merge a.json b.json --output bench/results/train-gpu.json
@@ -14,6 +16,10 @@ Both MLX trainers run themselves, with the same model, batches, LoRA layers and 
             a TrainingCallback noting when each report arrives, fed the same token arrays
             (lengths (0, T): the same target mask as lorapipe's) by an `iterate_batches`.
 
+`--trainers` picks among lorapipe, lorapipe_no_clip (max_grad_norm off: mlx-lm's and PEFT's
+arithmetic), lorapipe_memory_limit (train.memory_limit_gb = MEMORY_LIMIT_GB[shape]), mlx_lm
+(as mlx_lm.lora runs it: buffer cache emptied every step) and mlx_lm_keep_cache.
+
 Model: llama with SmolLM2-135M's (or -1.7B's) shape and random weights; LoRA from
 params.yaml (rank 8, scale 2, no dropout, every linear layer of every block); the optimizer is
 lorapipe's `make_optimizer` (AdamW, cosine schedule with warm-up) for both. Batches are full
@@ -21,14 +27,24 @@ rows of random tokens (no padding), so tokens/s = batch x seq / seconds counts e
 model reads. A run is `--warmup` reports (compilation; dropped) then `--windows` reports of
 `--report-every` steps each; a window's time is the wall-clock time between two reports, so it
 includes everything either loop does per step. Runs alternate (lorapipe, mlx-lm, lorapipe, ...)
-`--repeats` times; the tables give medians over all windows.
+`--repeats` times; the tables give medians over all windows. Peak memory is MLX's
+`mx.get_peak_memory()` (allocated, not cached) and PyTorch's `torch.cuda.max_memory_allocated()`.
 
-Also: `ablation` times step variants rebuilt from train_loop's pieces (with and without the
-`mx.isfinite` NaN guard; mlx-lm's step; forward only), interleaved step by step; `micro` times
-the NaN guard alone and `mx.random.seed` alone; `--bundled-steps` runs lorapipe with MLX's
-bundled BLAS (LORAPIPE_BLAS=bundled) in a subprocess; `padding` measures the demo data's padding
-(needs models/base and data/sanitized). On GPU, `--frameworks torch` times PyTorch + PEFT
-(eager and torch.compile) on the same shapes, one subprocess per case.
+Cases besides `trainers`:
+  ablation  step variants rebuilt from train_loop's pieces (`VARIANTS`: "before" is the step as
+            committed before the speed work, "after" the step now, the others switch one lever),
+            each alone on the device: a compile window, then `--windows` windows of
+            `--ablation-steps` steps; ms/step, the host's share, peak memory.
+  profile   (GPU) the kernels of `--profile-steps` steps of each `--profile-variants` variant,
+            through PyTorch's profiler (CUPTI sees MLX's kernels too), grouped by kind; the
+            PyTorch cases get the same. Profiling slows the wall clock: compare kernel times.
+  env       the ablation in a fresh process per MLX setting read at start-up (`--env-sweep`,
+            e.g. "MLX_USE_CUDA_GRAPHS=0;MLX_MAX_OPS_PER_BUFFER=10").
+  micro     the NaN guard alone and `mx.random.seed` alone.
+  padding   the demo data's padding (needs models/base and data/sanitized).
+`--bundled-steps` runs lorapipe with MLX's bundled BLAS (LORAPIPE_BLAS=bundled) in a subprocess.
+On GPU, `--frameworks torch` times PyTorch + PEFT (`--torch-modes`: eager, torch.compile) on the
+same shapes, one subprocess per case. bench/README.md has the GPU recipe and the results.
 """
 
 from __future__ import annotations
@@ -85,6 +101,14 @@ SHAPES: dict[str, dict[str, Any]] = {
         "num_key_value_heads": 32,
         "rope_theta": 130000.0,
     },
+    "tiny": {  # a smoke test of this script, seconds on a CPU
+        "num_hidden_layers": 2,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_theta": 10000.0,
+    },
 }
 # Every linear layer of a llama block: what LoRA with `keys: null` adapts (PEFT's names).
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -103,8 +127,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "frameworks": "mlx",
         "cases": "trainers,ablation,micro,padding",
         "ablation_steps": 1,
-        "variants": "lorapipe;lorapipe without guard and clipping;mlx-lm step;"
-        "mlx-lm step, cache cleared",
+        "variants": "before;after;after, LoRA branch in float32;mlx-lm step",
+        "profile_variants": "",
+        "profile_steps": 0,
         "bundled_steps": 2,
     },
     "gpu": {
@@ -117,10 +142,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "windows": 5,
         "repeats": 2,
         "frameworks": "mlx,torch",
-        "cases": "trainers,ablation,micro",
+        "cases": "trainers,ablation,profile",
         "ablation_steps": 10,
-        "variants": "lorapipe;lorapipe, guard from the clip norm;lorapipe without guard;"
-        "lorapipe without clipping;lorapipe without guard and clipping;mlx-lm step;forward only",
+        "variants": "before;after;after, LoRA branch in float32;after, guard over every gradient;"
+        "after, host waits every step;after, swiglu through autodiff;after, memory limit;"
+        "after, gradient checkpointing;mlx-lm step;forward and backward;forward only",
+        "profile_variants": "before;after",
+        "profile_steps": 5,
         "bundled_steps": 0,
     },
 }
@@ -228,7 +256,12 @@ class ReportClock:
 
 
 def run_lorapipe(
-    args: argparse.Namespace, shape: str, batches: Any, seed: int, clip: bool = True
+    args: argparse.Namespace,
+    shape: str,
+    batches: Any,
+    seed: int,
+    clip: bool = True,
+    memory_limit: bool = False,
 ) -> dict[str, Any]:
     import mlx.core as mx
 
@@ -239,6 +272,11 @@ def run_lorapipe(
     if not clip:  # mlx-lm's trainer does not clip: the same arithmetic as it
         params = dataclasses.replace(
             params, train=dataclasses.replace(params.train, max_grad_norm=None)
+        )
+    if memory_limit:  # train.memory_limit_gb: the allocator limit while training
+        params = dataclasses.replace(
+            params,
+            train=dataclasses.replace(params.train, memory_limit_gb=MEMORY_LIMIT_GB[shape]),
         )
     model = mlx_model(shape, args.dtype, seed)
     attach_adapters(model, params.lora)
@@ -351,19 +389,22 @@ def run_mlx_lm(
 
 def trainers_case(args: argparse.Namespace, shape: str) -> dict[str, Any]:
     batches = make_data(args)
-    runners: dict[str, Any] = {
+    known: dict[str, Any] = {
         "lorapipe": run_lorapipe,  # params.yaml's train settings, gradient clipping included
         "lorapipe_no_clip": partial(run_lorapipe, clip=False),
+        # train.memory_limit_gb set to MEMORY_LIMIT_GB[shape]
+        "lorapipe_memory_limit": partial(run_lorapipe, memory_limit=True),
         "mlx_lm": run_mlx_lm,  # as mlx_lm.lora runs it: buffer cache emptied every step
         "mlx_lm_keep_cache": partial(run_mlx_lm, keep_cache=True),
     }
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in runners}
+    runners = {name: known[name] for name in args.trainers.split(",")}
+    runs: dict[str, list[dict[str, Any]]] = {name + args.trainer_suffix: [] for name in runners}
     for repeat in range(args.repeats):
         for name, runner in runners.items():
             log(f"  {shape} {name} run {repeat + 1}/{args.repeats} ...")
             load = os.getloadavg()[0]  # other work on the machine: the noise to expect
-            runs[name].append(runner(args, shape, batches, seed=0))
-            last = runs[name][-1]
+            runs[name + args.trainer_suffix].append(runner(args, shape, batches, seed=0))
+            last = runs[name + args.trainer_suffix][-1]
             last["load_before"], last["load_after"] = load, os.getloadavg()[0]
             log(
                 f"    {statistics.median(last['tokens_per_s']):,.1f} tokens/s "
@@ -376,20 +417,22 @@ def trainers_case(args: argparse.Namespace, shape: str) -> dict[str, Any]:
     model = mlx_model(shape, args.dtype)
     attach_adapters(model, bench_params(args, 1).lora)
     total, trainable = count_params(model)
+    result: dict[str, Any] = {"params": total, "trainable": trainable, "runs": runs}
     # Same weights, batches and order: the losses agree up to rounding (bf16 drifts faster).
-    first = [r["losses"] for r in (runs["lorapipe"][0], runs["mlx_lm"][0])]
-    gaps = [abs(a - b) for a, b in zip(*first, strict=False)]
-    log(
-        f"    loss difference, lorapipe vs mlx-lm run 1: first report {gaps[0]:.2e}, "
-        f"largest {max(gaps):.2e}"
-    )
-    result = {
-        "params": total,
-        "trainable": trainable,
-        "runs": runs,
-        "loss_difference_first": gaps[0],
-        "loss_difference_largest": max(gaps),
-    }
+    ours, theirs = (n + args.trainer_suffix for n in ("lorapipe_no_clip", "mlx_lm_keep_cache"))
+    if ours in runs and theirs in runs:
+        first = [r["losses"] for r in (runs[ours][0], runs[theirs][0])]
+        gaps = [abs(a - b) for a, b in zip(*first, strict=False)]
+        relative = [abs(a - b) / abs(b) for a, b in zip(*first, strict=False)]
+        log(
+            f"    loss difference, {ours} vs {theirs} run 1 (the same maths): first report "
+            f"{gaps[0]:.2e}, largest {max(gaps):.2e} ({max(relative):.2%})"
+        )
+        result.update(
+            loss_difference_first=gaps[0],
+            loss_difference_largest=max(gaps),
+            loss_difference_largest_relative=max(relative),
+        )
     summarize(result)
     return result
 
@@ -418,123 +461,359 @@ def mfu(params: int, tokens_per_s: float) -> float:
 # --- train_loop's step, rebuilt from its pieces: where the time goes -------------------------
 
 
-def ablation_case(args: argparse.Namespace, shape: str) -> dict[str, Any]:
-    """Variants of one training step, interleaved step by step (the same conditions for all).
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One way to run a training step (the levers of bench/README.md, each on or off)."""
 
-    `lorapipe` is train_loop's loop body as written (seed, arrays, compiled step with the NaN
-    guard over every gradient and the gradient-norm clipping of params.yaml, eval, three .item()
-    calls); the others remove or replace one piece, or are mlx-lm's step. `guard from the clip
-    norm` is a proposal: the norm clipping computes is finite iff every gradient entry is (the
-    LoRA gradients are float32), so `mx.isfinite(norm)` can replace the separate pass."""
+    guard: str | None = "norm"  # NaN guard: "every" gradient's isfinite, the clip "norm", None
+    clip: bool = True  # params.yaml's max_grad_norm
+    lora: str = "compute"  # "fp32": LoRALinear as is; "compute": fast.lora_in_compute_dtype
+    pipelined: bool = True  # queue step i+1 before reading step i's loss (no per-step round trip)
+    checkpoint: bool = False  # gradient checkpointing of every block (recompute in the backward)
+    memory_limit: bool = False  # mx.set_memory_limit(MEMORY_LIMIT_GB[shape]) while it runs
+    swiglu: bool = True  # fast.swiglu_keeping_inputs; False: mlx-lm's swiglu, autodiff's backward
+
+
+# "before": train_loop as committed before the speed work (isfinite over every gradient,
+# float32 LoRA branch, mx.eval + three .item() after every step); "after": train_loop now.
+# The others switch one lever of "after" off (or on, for checkpointing).
+VARIANTS: dict[str, Step] = {
+    "before": Step(guard="every", lora="fp32", pipelined=False, swiglu=False),
+    "after": Step(),
+    "after, LoRA branch in float32": Step(lora="fp32"),
+    "after, swiglu through autodiff": Step(swiglu=False),
+    "after, guard over every gradient": Step(guard="every"),
+    "after, host waits every step": Step(pipelined=False),
+    "after, no guard and no clipping": Step(guard=None, clip=False),
+    "after, gradient checkpointing": Step(checkpoint=True),
+    "after, memory limit": Step(memory_limit=True),
+}
+# The limit MLX's allocator is asked to keep to (it then waits for queued work to finish
+# before allocating more): PyTorch + PEFT + torch.compile's peak on the H200 (2026-11-21).
+MEMORY_LIMIT_GB = {"135m": 4.4, "1.7b": 15.7, "tiny": 0.05}
+# Also known to the ablation: "mlx-lm step", "mlx-lm step, cache cleared" (its compiled step as
+# its trainer runs it), "forward only", "forward and backward" (no update, no guard).
+
+
+def checkpoint_blocks(model: Any) -> None:
+    """mlx-lm's grad_checkpoint for this model's blocks only (it patches the class for all)."""
+    import mlx.core as mx
+
+    base = type(model.layers[0])
+
+    class Checkpointed(base):  # type: ignore[misc, valid-type]
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            def inner(params: Any, *args: Any, **kwargs: Any) -> Any:
+                self.update(params)
+                return base.__call__(self, *args, **kwargs)
+
+            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+    for layer in model.layers:
+        layer.__class__ = Checkpointed
+
+
+def build_step(
+    args: argparse.Namespace, shape: str, kind: str, batches: Any, stack: contextlib.ExitStack
+) -> Any:
+    """A model and a function run(first, n) -> host seconds that runs steps first..first+n-1
+    of `kind` and returns with nothing in flight. What the variant changes (LoRA class, memory
+    limit) stays in force until `stack` closes."""
     import mlx.core as mx
     import mlx.nn as nn
-    import mlx.optimizers as optim
     from mlx.utils import tree_flatten
     from mlx_lm.tuner.trainer import default_loss
 
+    from lorapipe.fast import (
+        clip_by_norm,
+        fast_training,
+        lora_in_compute_dtype,
+        squared_norm,
+        swiglu_keeping_inputs,
+    )
     from lorapipe.stages.train import attach_adapters, make_optimizer, masked_loss, step_seed
 
-    batches = make_data(args)
     params = bench_params(args, 1000)
+    model = mlx_model(shape, args.dtype)
+    attach_adapters(model, params.lora)
+    optimizer = make_optimizer(params.train, 1000)
+    state = [model.state, optimizer.state, mx.random.state]
     lengths = mx.array([[0, args.seq]] * args.batch)
 
-    def build(kind: str) -> Any:
-        model = mlx_model(shape, args.dtype)
-        attach_adapters(model, params.lora)
-        optimizer = make_optimizer(params.train, 1000)
-        state = [model.state, optimizer.state, mx.random.state]
-        if kind == "forward only":
-            model.eval()
+    def arrays(i: int) -> tuple[Any, Any]:
+        return (
+            mx.array(batches.tokens[i % len(batches)]),
+            mx.array(batches.targets[i % len(batches)]),
+        )
 
-            def forward(i: int) -> None:
-                loss, _ = masked_loss(
-                    model,
-                    mx.array(batches.tokens[i % len(batches)]),
-                    mx.array(batches.targets[i % len(batches)]),
-                )
-                mx.eval(loss)
+    if kind in ("forward only", "forward and backward"):
+        backward = kind == "forward and backward"
+        loss_and_grad = nn.value_and_grad(model, masked_loss)
+        stack.enter_context(fast_training(model))
 
-            return forward
-        if kind.startswith("mlx-lm step"):
-            clear = kind == "mlx-lm step, cache cleared"
-            mlx_lm_grad = nn.value_and_grad(model, default_loss)
+        @mx.compile
+        def forward(tokens: Any, targets: Any) -> Any:
+            if backward:
+                return loss_and_grad(model, tokens, targets)
+            return masked_loss(model, tokens, targets)
 
-            @partial(mx.compile, inputs=state, outputs=state)
-            def mlx_lm_step(batch: Any, lengths: Any) -> Any:
-                (loss, toks), grad = mlx_lm_grad(model, batch, lengths)
-                optimizer.update(model, grad)
-                return loss, toks
+        def run_forward(first: int, n: int) -> float:
+            host = 0.0
+            for i in range(first, first + n):
+                tic = time.perf_counter()
+                out = forward(*arrays(i))
+                mx.async_eval(out)
+                host += time.perf_counter() - tic
+                mx.eval(out)
+            return host
 
-            def run_mlx_lm(i: int) -> None:
-                loss, toks = mlx_lm_step(mx.array(batches.tokens[i % len(batches)]), lengths)
+        return model, run_forward
+
+    if kind.startswith("mlx-lm step"):
+        clear = kind == "mlx-lm step, cache cleared"
+        mlx_lm_grad = nn.value_and_grad(model, default_loss)
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def mlx_lm_step(batch: Any, lengths: Any) -> Any:
+            (loss, toks), grad = mlx_lm_grad(model, batch, lengths)
+            optimizer.update(model, grad)
+            return loss, toks
+
+        def run_mlx_lm(first: int, n: int) -> float:
+            host = 0.0
+            for i in range(first, first + n):
+                tic = time.perf_counter()
+                loss, toks = mlx_lm_step(arrays(i)[0], lengths)
+                mx.async_eval(state, loss, toks)
+                host += time.perf_counter() - tic
                 mx.eval(state, loss, toks)
                 if clear:  # what mlx-lm's trainer does after every step by default
                     mx.clear_cache()
                 float(loss.item())
+            return host
 
-            return run_mlx_lm
-        guard, clip = VARIANTS[kind]
-        max_norm = params.train.max_grad_norm or 1.0
-        loss_and_grad = nn.value_and_grad(model, masked_loss)
+        return model, run_mlx_lm
 
-        @partial(mx.compile, inputs=state, outputs=state)
-        def step(tokens: Any, targets: Any) -> Any:  # train_loop's step, accumulate = 1
-            (loss, count), grad = loss_and_grad(model, tokens, targets)
-            finite = mx.array(True)
-            if guard == "every gradient":
-                finite = mx.stack([mx.isfinite(g).all() for _, g in tree_flatten(grad)]).all()
-            if clip:
-                grad, norm = optim.clip_grad_norm(grad, max_norm)
-                if guard == "clip norm":
-                    finite = mx.isfinite(norm)
-            optimizer.update(model, grad)
-            return loss, count, finite
+    v = VARIANTS[kind]
+    if v.lora == "compute":
+        stack.enter_context(lora_in_compute_dtype(model))
+    if v.swiglu:
+        stack.enter_context(swiglu_keeping_inputs())
+    if v.memory_limit:
+        previous = mx.set_memory_limit(int(MEMORY_LIMIT_GB[shape] * 1e9))
+        stack.callback(mx.set_memory_limit, previous)
+    if v.checkpoint:
+        checkpoint_blocks(model)
+    max_norm = params.train.max_grad_norm or 1.0
+    loss_and_grad = nn.value_and_grad(model, masked_loss)
 
-        def run_lorapipe(i: int) -> None:
-            mx.random.seed(step_seed(42, i))
-            index = i % len(batches)
-            loss, count, finite = step(
-                mx.array(batches.tokens[index]), mx.array(batches.targets[index])
-            )
-            mx.eval(state, loss, count, finite)
-            _ = (float(loss.item()), bool(finite.item()), int(count.item()))
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(tokens: Any, targets: Any) -> Any:  # train_loop's step, accumulate = 1
+        (loss, count), grad = loss_and_grad(model, tokens, targets)
+        finite = mx.array(True)
+        if v.guard == "every":
+            finite = mx.stack([mx.isfinite(g).all() for _, g in tree_flatten(grad)]).all()
+        if v.guard == "norm" or (v.clip and v.guard is None):
+            norm_sq = squared_norm(grad)
+            if v.guard == "norm":
+                finite = mx.isfinite(norm_sq)
+        if v.clip:
+            if v.guard == "every":  # the committed step: mlx's own clip_grad_norm
+                import mlx.optimizers as optim
 
-        return run_lorapipe
+                grad, _ = optim.clip_grad_norm(grad, max_norm)
+            else:
+                grad = clip_by_norm(grad, mx.sqrt(norm_sq), max_norm)
+        optimizer.update(model, grad)
+        return loss, count, finite
 
-    kinds = args.variants.split(";")
-    runners = {kind: build(kind) for kind in kinds}
-    seconds: dict[str, list[float]] = {kind: [] for kind in kinds}
-    rounds = 1 + args.windows  # the first round compiles: dropped
-    for r in range(rounds):
-        for kind in kinds:
-            for i in range(args.ablation_steps):
-                tic = time.perf_counter()
-                runners[kind](r * args.ablation_steps + i)
-                if r:
-                    seconds[kind].append(time.perf_counter() - tic)
+    def launch(i: int) -> tuple[Any, ...]:
+        mx.random.seed(step_seed(42, i))
+        out = step(*arrays(i))
+        mx.async_eval(state, *out)
+        return tuple(out)
+
+    def finish(out: tuple[Any, ...]) -> None:
+        loss, count, finite = out
+        _ = (float(loss.item()), bool(finite.item()), int(count.item()))
+
+    def run_lorapipe(first: int, n: int) -> float:
+        host = 0.0
+        pending = None
+        for i in range(first, first + n):
+            tic = time.perf_counter()
+            out = launch(i)
+            host += time.perf_counter() - tic
+            if not v.pipelined:
+                mx.eval(state)
+                finish(out)
+                continue
+            if pending is not None:
+                finish(pending)
+            pending = out
+        if pending is not None:
+            finish(pending)
+            mx.eval(state)
+        return host
+
+    return model, run_lorapipe
+
+
+def ablation_case(args: argparse.Namespace, shape: str) -> dict[str, Any]:
+    """Each variant in turn, alone on the device: build, one window to compile (dropped), then
+    `--windows` windows of `--ablation-steps` steps. Peak memory is the variant's own (its
+    model, optimizer and steps: nothing else is alive)."""
+    import mlx.core as mx
+
+    batches = make_data(args)
     tokens = args.batch * args.seq
-    result: dict[str, Any] = {
-        kind: {
-            "seconds": s,
-            "median_ms": statistics.median(s) * 1e3,
-            "tokens_per_s": tokens / statistics.median(s),
+    result: dict[str, Any] = {}
+    for kind in args.variants.split(";"):
+        free_mlx()
+        walls, hosts = [], []
+        with contextlib.ExitStack() as stack:
+            model, run = build_step(args, shape, kind, batches, stack)
+            run(0, args.ablation_steps)
+            mx.reset_peak_memory()
+            for w in range(args.windows):
+                tic = time.perf_counter()
+                hosts.append(run((w + 1) * args.ablation_steps, args.ablation_steps))
+                walls.append(time.perf_counter() - tic)
+            peak = mx.get_peak_memory() / 1e9
+            del model, run
+        ms = [s / args.ablation_steps * 1e3 for s in walls]
+        host_ms = [s / args.ablation_steps * 1e3 for s in hosts]
+        result[kind] = {
+            "ms_per_step": ms,
+            "host_ms_per_step": host_ms,
+            "median_ms": statistics.median(ms),
+            "host_median_ms": statistics.median(host_ms),
+            "tokens_per_s": tokens / statistics.median(ms) * 1e3,
+            "peak_memory_gb": peak,
         }
-        for kind, s in seconds.items()
-    }
-    for kind, r in result.items():
-        log(f"    {kind:<36} {r['median_ms']:9.2f} ms/step  {r['tokens_per_s']:10,.0f} tokens/s")
+        if kind in VARIANTS and VARIANTS[kind].memory_limit:
+            result[kind]["memory_limit_gb"] = MEMORY_LIMIT_GB[shape]
+        r = result[kind]
+        log(
+            f"    {kind:<36} {r['median_ms']:8.2f} ms/step (host {r['host_median_ms']:7.2f})"
+            f"  {r['tokens_per_s']:9,.0f} tokens/s  {r['peak_memory_gb']:6.2f} GB"
+        )
     return result
 
 
-# Step variants rebuilt from train_loop's pieces: (NaN guard, gradient clipping). The ablation
-# also knows "mlx-lm step", "mlx-lm step, cache cleared" and "forward only".
-VARIANTS: dict[str, tuple[str | None, bool]] = {
-    "lorapipe": ("every gradient", True),
-    "lorapipe, guard from the clip norm": ("clip norm", True),
-    "lorapipe without guard": (None, True),
-    "lorapipe without clipping": ("every gradient", False),
-    "lorapipe without guard and clipping": (None, False),
-}
+def ablation_worker(args: argparse.Namespace) -> None:
+    print(json.dumps(ablation_case(args, args.shapes)))
+
+
+def env_case(args: argparse.Namespace, shape: str) -> dict[str, Any]:
+    """MLX's CUDA settings, read once at start-up: the ablation's variants in a fresh process per
+    setting ("default", or K=V pairs joined by ',')."""
+    out: dict[str, Any] = {}
+    for setting in args.env_sweep.split(";"):
+        env = dict(os.environ)
+        if setting != "default":
+            env.update(kv.split("=", 1) for kv in setting.split(","))
+        log(f"  {shape} with {setting} ...")
+        command = [sys.executable, __file__, "--worker", "ablation", "--device", args.device]
+        command += ["--shapes", shape, "--variants", args.env_variants]
+        command += ["--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype]
+        command += ["--windows", str(args.windows), "--ablation-steps", str(args.ablation_steps)]
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            log(f"    failed:\n{done.stderr[-3000:]}")
+            out[setting] = {"error": done.stderr[-3000:]}
+            continue
+        sys.stderr.write("".join(done.stderr.splitlines(keepends=True)[-10:]))
+        out[setting] = json.loads(done.stdout.splitlines()[-1])
+    return out
+
+
+# --- kernels: where the device time goes (GPU; CUPTI through PyTorch's profiler) ---------------
+
+KERNEL_GROUPS = (  # first match wins; names as cuBLAS, cuDNN, MLX and Triton give them
+    ("attention (fused SDPA)", ("flash", "fmha", "sdpa", "attention", "cudnn")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "matmul", "sm90_", "sm80_", "splitk")),
+    ("cross-entropy", ("cross_entropy", "crossentropy", "nll", "log_softmax", "logsumexp")),
+    ("reduction", ("reduce", "sum", "all_", "norm_")),
+    ("rms norm / rope", ("rms", "rope")),
+    ("gather / scatter", ("gather", "scatter", "index", "embedding", "take")),
+    ("copy / cast", ("copy", "cast", "convert", "concat", "fill")),
+)
+
+
+def kernel_summary(prof: Any, steps: int) -> dict[str, Any]:
+    """Per-step kernel time from a torch.profiler run: groups, and the top kernels."""
+    kernels = []
+    for e in prof.events():
+        if str(getattr(e, "device_type", "")).endswith("CUDA"):
+            kernels.append((e.name, float(e.time_range.elapsed_us())))
+    by_name: dict[str, list[float]] = {}
+    for name, us in kernels:
+        by_name.setdefault(name, []).append(us)
+    groups: dict[str, float] = {}
+    for name, times in by_name.items():
+        low = name.lower()
+        group = next((g for g, keys in KERNEL_GROUPS if any(k in low for k in keys)), "other")
+        groups[group] = groups.get(group, 0.0) + sum(times) / 1e3 / steps
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:25]
+    return {
+        "kernels_per_step": len(kernels) / steps,
+        "kernel_ms_per_step": sum(us for _, us in kernels) / 1e3 / steps,
+        "groups_ms_per_step": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
+        "top": [
+            {
+                "name": name[:160],
+                "calls_per_step": len(t) / steps,
+                "ms_per_step": sum(t) / 1e3 / steps,
+            }
+            for name, t in top
+        ],
+    }
+
+
+def profile_worker(args: argparse.Namespace) -> None:
+    """GPU: MLX steps of each variant under PyTorch's profiler (CUPTI records every kernel of the
+    process, MLX's included). Prints one JSON line."""
+    import mlx.core as mx
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    shape, steps = args.shapes, args.ablation_steps
+    batches = make_data(args)
+    out: dict[str, Any] = {}
+    for kind in args.variants.split(";"):
+        free_mlx()
+        with contextlib.ExitStack() as stack:
+            model, run = build_step(args, shape, kind, batches, stack)
+            run(0, 3)
+            torch.cuda.synchronize()
+            tic = time.perf_counter()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                run(3, steps)
+                mx.synchronize()
+            wall = time.perf_counter() - tic
+            del model, run
+        out[kind] = {"wall_ms_per_step": wall / steps * 1e3, **kernel_summary(prof, steps)}
+    print(json.dumps(out))
+
+
+def profile_case(args: argparse.Namespace, shape: str) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--worker", "profile", "--device", args.device]
+    command += ["--shapes", shape, "--variants", args.profile_variants]
+    command += ["--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype]
+    command += ["--ablation-steps", str(args.profile_steps)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        log(f"    profile failed:\n{done.stderr[-3000:]}")
+        return {"error": done.stderr[-3000:]}
+    result: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+    for kind, r in result.items():
+        groups = ", ".join(f"{g} {ms:.1f}" for g, ms in r["groups_ms_per_step"].items())
+        log(
+            f"    {kind}: wall {r['wall_ms_per_step']:.1f} ms/step, kernels "
+            f"{r['kernel_ms_per_step']:.1f} ms in {r['kernels_per_step']:.0f} launches ({groups})"
+        )
+    return result
 
 
 def micro_case(args: argparse.Namespace, shape: str) -> dict[str, Any]:
@@ -748,8 +1027,23 @@ def torch_worker(args: argparse.Namespace) -> None:
         if (i + 1) % args.report_every == 0:
             marks.append(time.perf_counter())
     result = windows_from_marks(marks, args.warmup, args.report_every, args.batch * args.seq)
+    peak = torch.cuda.max_memory_allocated() / 1e9
+    if args.profile_steps:
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        tic = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(args.profile_steps):
+                loss = fn(data[i % DISTINCT_BATCHES], mask)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss.item()
+        wall = (time.perf_counter() - tic) / args.profile_steps * 1e3
+        result["profile"] = {"wall_ms_per_step": wall, **kernel_summary(prof, args.profile_steps)}
     result.update(
-        peak_memory_gb=torch.cuda.max_memory_allocated() / 1e9,
+        peak_memory_gb=peak,
         losses=losses[:: args.report_every],
         params=sum(p.numel() for p in model.parameters()),
         trainable=sum(p.numel() for p in trainable),
@@ -761,7 +1055,7 @@ def torch_worker(args: argparse.Namespace) -> None:
 
 def torch_case(args: argparse.Namespace, shape: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for mode in ("torch-eager", "torch-compile"):
+    for mode in args.torch_modes.split(","):
         log(f"  {shape} {mode} ...")
         command = [
             sys.executable,
@@ -782,6 +1076,8 @@ def torch_case(args: argparse.Namespace, shape: str) -> dict[str, Any]:
             str(args.windows),
             "--report-every",
             str(args.report_every),
+            "--profile-steps",
+            str(args.profile_steps if "profile" in args.cases else 0),
         ]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
@@ -796,6 +1092,14 @@ def torch_case(args: argparse.Namespace, shape: str) -> dict[str, Any]:
             f"    {r['tokens_per_s_median']:,.0f} tokens/s, {r['peak_memory_gb']:.1f} GB, "
             f"warm-up {r['warmup_s']:.1f} s"
         )
+        if "profile" in r:
+            p = r["profile"]
+            groups = ", ".join(f"{g} {ms:.1f}" for g, ms in p["groups_ms_per_step"].items())
+            log(
+                f"    profile: wall {p['wall_ms_per_step']:.1f} ms/step, kernels "
+                f"{p['kernel_ms_per_step']:.1f} ms in {p['kernels_per_step']:.0f} launches "
+                f"({groups})"
+            )
     return out
 
 
@@ -862,8 +1166,9 @@ def summary_table(report: dict[str, Any]) -> str:
             "ms/step",
             "peak GB",
             "MFU",
-            "vs mlx-lm",
-            "vs mlx-lm, cache kept",
+            "tokens/s vs torch.compile",
+            "memory vs torch.compile",
+            "tokens/s vs mlx-lm",
         )
     ]
     tokens = report["settings"]["batch"] * report["settings"]["seq"]
@@ -871,16 +1176,14 @@ def summary_table(report: dict[str, Any]) -> str:
         cases = report["shapes"][shape]
         entries: list[tuple[str, float, str, float, int]] = []
         trainers = cases.get("trainers", {})
-        for name in ("lorapipe", "lorapipe_no_clip", "mlx_lm", "mlx_lm_keep_cache"):
-            if name in trainers.get("summary", {}):
-                s = trainers["summary"][name]
-                spread = (
-                    f"{s['tokens_per_s']:,.0f} ({s['tokens_per_s_min']:,.0f}-"
-                    f"{s['tokens_per_s_max']:,.0f})"
-                )
-                entries.append(
-                    (name, s["tokens_per_s"], spread, s["peak_memory_gb"], trainers["params"])
-                )
+        for name, s in trainers.get("summary", {}).items():
+            spread = (
+                f"{s['tokens_per_s']:,.0f} ({s['tokens_per_s_min']:,.0f}-"
+                f"{s['tokens_per_s_max']:,.0f})"
+            )
+            entries.append(
+                (name, s["tokens_per_s"], spread, s["peak_memory_gb"], trainers["params"])
+            )
         for mode in ("torch-eager", "torch-compile"):
             r = cases.get("torch", {}).get(mode, {})
             if "tokens_per_s" in r:
@@ -895,10 +1198,8 @@ def summary_table(report: dict[str, Any]) -> str:
                         r["params"],
                     )
                 )
-        bases = [
-            next((e[1] for e in entries if e[0] == b), None)
-            for b in ("mlx_lm", "mlx_lm_keep_cache")
-        ]
+        compiled = next((e for e in entries if e[0] == "PyTorch+PEFT compile"), None)
+        mlx_lm = next((e[1] for e in entries if e[0] == "mlx_lm"), None)
         for name, t, spread, peak, n in entries:
             rows.append(
                 (
@@ -908,7 +1209,9 @@ def summary_table(report: dict[str, Any]) -> str:
                     f"{tokens / t * 1e3:,.1f}",
                     f"{peak:.2f}",
                     f"{mfu(n, t):.1%}" if report["device"] == "gpu" else "-",
-                    *(f"{t / b:.3f}x" if b else "-" for b in bases),
+                    f"{t / compiled[1]:.3f}x" if compiled else "-",
+                    f"{peak / compiled[3]:.3f}x" if compiled else "-",
+                    f"{t / mlx_lm:.3f}x" if mlx_lm else "-",
                 )
             )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -966,6 +1269,17 @@ def main() -> None:
     parser.add_argument("--cases", help="trainers,ablation,micro,padding")
     parser.add_argument("--ablation-steps", type=int, help="steps per variant per round")
     parser.add_argument("--variants", help="ablation variants, separated by ';'")
+    parser.add_argument("--profile-variants", help="profiled variants, separated by ';'")
+    parser.add_argument("--profile-steps", type=int, help="profiled steps per variant; 0: off")
+    parser.add_argument("--env-sweep", default="", help="env case: settings separated by ';'")
+    parser.add_argument("--env-variants", default="after", help="env case: ablation variants")
+    parser.add_argument("--torch-modes", default="torch-eager,torch-compile")
+    parser.add_argument(
+        "--trainers",
+        default="lorapipe,lorapipe_no_clip,mlx_lm,mlx_lm_keep_cache",
+        help="trainers case: which (also lorapipe_memory_limit)",
+    )
+    parser.add_argument("--trainer-suffix", default="", help="appended to the trainers' names")
     parser.add_argument("--bundled-steps", type=int, help="CPU: timed bundled-BLAS steps; 0: off")
     parser.add_argument("--output", type=Path)
     parser.add_argument("--merge", type=Path, nargs="+", help="combine reports into --output")
@@ -985,6 +1299,12 @@ def main() -> None:
         runtime.setup()  # before mlx.core is imported: OpenBLAS on Linux CPU
     if args.worker == "bundled":
         bundled_worker(args)
+        return
+    if args.worker == "profile":
+        profile_worker(args)
+        return
+    if args.worker == "ablation":
+        ablation_worker(args)
         return
     output = args.output or RESULTS / f"train-{args.device}.json"
     cases = args.cases.split(",")
@@ -1022,9 +1342,14 @@ def main() -> None:
             if "trainers" in cases:
                 cases_out["trainers"] = trainers_case(args, shape)
             if "ablation" in cases:
-                log(f"  {shape} ablation (step variants, interleaved) ...")
+                log(f"  {shape} ablation (step variants, one after another) ...")
                 cases_out["ablation"] = ablation_case(args, shape)
                 free_mlx()
+            if "env" in cases and args.env_sweep:
+                cases_out["env"] = env_case(args, shape)
+            if "profile" in cases and args.profile_steps:
+                log(f"  {shape} profile (kernels of {args.profile_steps} steps per variant) ...")
+                cases_out["profile"] = profile_case(args, shape)
             if "micro" in cases:
                 log(f"  {shape} micro ...")
                 cases_out["micro"] = micro_case(args, shape)

@@ -224,6 +224,18 @@ def test_rows_longer_than_max_seq_length_fail_early(train_project: Path) -> None
     assert "train.max_seq_length: 16 is shorter than the longest train row" in result.stderr
 
 
+def test_a_step_that_does_not_fit_in_memory_fails_before_training(train_project: Path) -> None:
+    set_train(train_project, memory_limit_gb=0.001)
+    result = train(train_project)
+    assert result.returncode == 1
+    assert "train: a step on the longest batch (4x" in result.stderr
+    assert "more than the 0.00 GB of train.memory_limit_gb" in result.stderr
+    assert "lower train.batch_size" in result.stderr
+    checkpoints = train_project / "models" / "checkpoints"
+    assert not list(checkpoints.glob("step-*")), "no step may run before the check"
+    assert not (train_project / "models" / "adapters").exists()
+
+
 def test_every_assistant_turn_is_learned_and_nothing_else(tiny_model_dir: Path) -> None:
     from transformers import AutoTokenizer
 

@@ -171,6 +171,7 @@ class TrainParams:
     max_seq_length: Annotated[int, Range(ge=8)]
     mask_prompt: bool
     grad_checkpoint: bool
+    memory_limit_gb: Annotated[float, Range(gt=0)] | None
     optimizer: Literal["adamw", "adam", "sgd", "adafactor"]
     learning_rate: Annotated[float, Range(gt=0)]
     weight_decay: Annotated[float, Range(ge=0)]

@@ -51,9 +51,10 @@ def evaluate_model(
 
     config = params.eval
     examples = [encode(row, tokenizer, mask_prompt=True) for row in rows]
-    loss = dataset_loss(
-        model, make_batches(examples, min(config.batch_size, len(examples))), config.loss_batches
-    )
+    # Loss batches as large as training's: what fits in training fits here (full-vocabulary
+    # logits of eval.batch_size rows might not).
+    batches = make_batches(examples, min(params.train.batch_size, len(examples)))
+    loss = dataset_loss(model, batches, config.loss_batches)
 
     prompts = [chat_prompt(tokenizer, row["messages"][:-1]) for row in rows]
     references = [row["messages"][-1]["content"] for row in rows]

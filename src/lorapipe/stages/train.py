@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import signal
 import time
@@ -115,14 +116,14 @@ class Batches:
         return 1 - self.real_tokens / max(self.padded_tokens, 1)
 
 
-def make_batches(examples: list[Example], batch_size: int) -> Batches:
+def make_batches(examples: list[Example], batch_size: int, pad_to: int = PAD_TO) -> Batches:
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i].tokens), i))
     groups = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
     batches = Batches([], [], [])
     for group in groups:
         longest = max(len(examples[i].tokens) for i in group)
-        # inputs are tokens[:, :-1]: make that a multiple of PAD_TO
-        width = 1 + PAD_TO * math.ceil((longest - 1) / PAD_TO)
+        # inputs are tokens[:, :-1]: make that a multiple of pad_to
+        width = 1 + pad_to * math.ceil((longest - 1) / pad_to)
         tokens = np.zeros((len(group), width), np.int32)
         targets = np.zeros((len(group), width), np.float32)
         for row, i in enumerate(group):
@@ -263,10 +264,9 @@ class LoopState:
 
 def fingerprint(params: Params, files: list[Path]) -> str:
     """What shaped a checkpoint: a resume with a different value would not continue that run.
-    Reporting and saving intervals are left out: changing them may resume."""
-    train = {
-        k: v for k, v in asdict(params.train).items() if k not in ("steps_per_report", "save_every")
-    }
+    Reporting and saving intervals and the memory limit are left out: changing them may resume."""
+    ignored = ("steps_per_report", "save_every", "memory_limit_gb")
+    train = {k: v for k, v in asdict(params.train).items() if k not in ignored}
     digest = hashlib.sha256(
         json.dumps(
             {"lora": asdict(params.lora), "train": train, "seed": params.seed}, sort_keys=True
@@ -375,13 +375,11 @@ def train_loop(
 ) -> LoopState:
     import mlx.core as mx
     import mlx.nn as nn
-    import mlx.optimizers as optim
     from mlx.utils import tree_flatten, tree_map
-    from mlx_lm.tuner.trainer import grad_checkpoint
+
+    from lorapipe.fast import clip_by_norm, fast_training, memory_limit, squared_norm
 
     train = params.train
-    if train.grad_checkpoint:
-        grad_checkpoint(model.layers[0])
     loss_and_grad = nn.value_and_grad(model, masked_loss)
     accumulate = train.grad_accumulation_steps
     compiled_state = [model.state, optimizer.state, mx.random.state]
@@ -391,13 +389,15 @@ def train_loop(
         (loss, count), grad = loss_and_grad(model, tokens, targets)
         if previous is not None:
             grad = tree_map(lambda a, b: a + b, grad, previous)
-        # One number that is finite iff every gradient entry is: the NaN guard's input.
-        finite = mx.stack([mx.isfinite(g).all() for _, g in tree_flatten(grad)]).all()
+        # One pass over the gradients feeds both the NaN guard and clipping (bench/README.md).
+        norm_sq = squared_norm(grad)
+        finite = mx.isfinite(norm_sq)
         if update:
             if accumulate > 1:
                 grad = tree_map(lambda g: g / accumulate, grad)
             if train.max_grad_norm is not None:
-                grad, _ = optim.clip_grad_norm(grad, train.max_grad_norm)
+                norm = mx.sqrt(norm_sq) / accumulate
+                grad = clip_by_norm(grad, norm, train.max_grad_norm)
             optimizer.update(model, grad)
             grad = None
         return loss, count, finite, grad
@@ -430,33 +430,58 @@ def train_loop(
         else:
             state.evals_without_improvement += 1
 
+    def launch(number: int, previous: Any) -> tuple[int, tuple[Any, ...]]:
+        """Queue step `number` (0-based) on the device and return at once."""
+        epoch, position = divmod(number, len(train_batches))
+        index = int(batch_order(params.seed, epoch, len(train_batches))[position])
+        # Random draws (dropout) depend on (seed, step) only: a resumed run draws the same.
+        mx.random.seed(step_seed(params.seed, number))
+        outputs = step(
+            mx.array(train_batches.tokens[index]),
+            mx.array(train_batches.targets[index]),
+            previous,
+            (number + 1) % accumulate == 0,
+        )
+        mx.async_eval(compiled_state, *(o for o in outputs if o is not None))
+        return index, outputs
+
+    def needs_sync(number: int, stop: _StopRequest) -> bool:
+        """Whether step `number` (1-based) is followed by work that reads the model as that
+        step leaves it (report, evaluation, checkpoint, the end, a stop): then the next step
+        must not be queued before it is done."""
+        return (
+            number % train.steps_per_report == 0
+            or number % train.steps_per_eval == 0
+            or (number % accumulate == 0 and number % train.save_every == 0)
+            or number == total_steps
+            or stop.requested is not None
+        )
+
     model.train()
-    if state.step == 0:
-        evaluate_and_track()
-    accumulated = None
     window = state.window
-    with _StopRequest() as stop:
-        while state.step < total_steps:
-            epoch, position = divmod(state.step, len(train_batches))
-            index = int(batch_order(params.seed, epoch, len(train_batches))[position])
-            # Random draws (dropout) depend on (seed, step) only: a resumed run draws the same.
-            mx.random.seed(step_seed(params.seed, state.step))
-            tic = time.perf_counter()
-            loss, count, finite, accumulated = step(
-                mx.array(train_batches.tokens[index]),
-                mx.array(train_batches.targets[index]),
-                accumulated,
-                (state.step + 1) % accumulate == 0,
-            )
-            mx.eval(compiled_state, loss, count, finite, accumulated)
-            seconds = time.perf_counter() - tic
-            loss_value = float(loss.item())
+    # train.memory_limit_gb also bounds how far MLX's queue runs ahead (bench/README.md).
+    limit = memory_limit(train.memory_limit_gb)
+    with limit, fast_training(model), _StopRequest() as stop:
+        if state.step == 0:
+            evaluate_and_track()
+        clock = time.perf_counter()
+        pending = launch(state.step, None) if state.step < total_steps else None
+        while pending is not None:
+            index, (loss, count, finite, accumulated) = pending
+            # Queue the next step before waiting for this one, so that the host prepares it
+            # while the device still works on this one (no per-step round trip).
+            pending = None
+            if not needs_sync(state.step + 1, stop):
+                pending = launch(state.step + 1, accumulated)
+            loss_value = float(loss.item())  # waits for this step only
             if not (math.isfinite(loss_value) and bool(finite.item())):
                 raise TrainError(
                     f"train: non-finite loss or gradient at step {state.step + 1} (loss "
                     f"{loss_value}); the last good checkpoint is kept in {checkpoints}; lower "
                     "train.learning_rate or check the data"
                 )
+            now = time.perf_counter()
+            seconds, clock = now - clock, now
             state.step += 1
             state.trained_tokens += int(count.item())
             state.seen_tokens += train_batches.real[index]
@@ -465,6 +490,8 @@ def train_loop(
             window["tokens"] += train_batches.real[index]
             window["steps"] += 1
             window["seconds"] += seconds
+            if pending is not None:
+                continue
 
             if state.step % train.steps_per_report == 0 or state.step == total_steps:
                 record = {
@@ -495,8 +522,79 @@ def train_loop(
                     f"train: {stop.requested} at step {state.step}; checkpoint saved in "
                     f"{checkpoints}; run `dvc repro train` to resume"
                 )
+            clock = time.perf_counter()  # reports, evaluations and saves are not step time
+            if state.step < total_steps:
+                pending = launch(state.step, accumulated)
     save_checkpoint(checkpoints, model, optimizer, state, fingerprint_)
     return state
+
+
+# --- memory --------------------------------------------------------------------------------------
+
+# Messages of the allocators that run out: Metal, CUDA, and the CPU's C++ runtime.
+_OUT_OF_MEMORY = ("out of memory", "insufficient memory", "bad_alloc", "cudamalloc", "outofmemory")
+
+
+def memory_available() -> tuple[int, str]:
+    """Bytes one training step may use, and where that figure comes from."""
+    import mlx.core as mx
+
+    if mx.default_device() == mx.gpu:
+        info = mx.device_info()
+        for key in ("free_memory", "max_recommended_working_set_size", "memory_size"):
+            if isinstance(info.get(key), int) and info[key] > 0:
+                return int(info[key]), f"the GPU's {key.replace('_', ' ')}"
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        kib = int(next(ln.split()[1] for ln in lines if ln.startswith("MemAvailable")))
+        return kib * 1024, "free RAM"
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "RAM"
+
+
+def check_memory(model: Any, batches: Batches, train: TrainParams, trainable: int) -> float:
+    """Fail before step 1, with what to change, if the longest batch does not fit.
+
+    Runs one uncompiled forward and backward pass on the batch with the most tokens (compiling
+    only ever needs less) and adds the optimizer's state; returns the estimate in bytes.
+    """
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    largest = max(range(len(batches)), key=lambda i: batches.tokens[i].size)
+    shape = "x".join(map(str, batches.tokens[largest].shape))
+    advice = (
+        "lower train.batch_size or train.max_seq_length (with sanitize.max_tokens), or set "
+        "train.grad_checkpoint: true"
+    )
+    if train.memory_limit_gb is not None:
+        limit, source = int(train.memory_limit_gb * 1e9), "train.memory_limit_gb"
+    else:
+        limit, source = memory_available()
+    mx.reset_peak_memory()
+    try:
+        _, grad = nn.value_and_grad(model, masked_loss)(
+            model, mx.array(batches.tokens[largest]), mx.array(batches.targets[largest])
+        )
+        mx.eval(grad)
+    except (RuntimeError, MemoryError) as exc:
+        if not any(word in str(exc).lower() for word in _OUT_OF_MEMORY):
+            raise
+        raise TrainError(
+            f"train: out of memory in a trial step on the longest batch ({shape} tokens): "
+            f"{exc}; {advice}"
+        ) from exc
+    del grad
+    optimizer_state = 2 * 4 * trainable  # Adam's two fp32 moments per trainable parameter
+    need = mx.get_peak_memory() + optimizer_state
+    mx.reset_peak_memory()
+    mx.clear_cache()
+    if need > limit:
+        raise TrainError(
+            f"train: a step on the longest batch ({shape} tokens) needs about {need / 1e9:.2f} GB, "
+            f"more than the {limit / 1e9:.2f} GB of {source}; {advice}"
+        )
+    return need
 
 
 # --- the stage ----------------------------------------------------------------------------------
@@ -505,8 +603,10 @@ def train_loop(
 def main(params: Params) -> None:
     import mlx.core as mx
     from mlx.utils import tree_flatten
+    from mlx_lm.tuner.trainer import grad_checkpoint
     from mlx_lm.utils import load
 
+    from lorapipe.fast import fast_training
     from lorapipe.provenance import run_record
     from lorapipe.tracking import Tracker
 
@@ -559,6 +659,11 @@ def main(params: Params) -> None:
         f"{total_steps} steps of {train.batch_size}; padding {train_batches.padding_fraction:.1%}"
     )
     tracker.replay(state.history)
+    if train.grad_checkpoint:
+        grad_checkpoint(model.layers[0])
+    with fast_training(model):  # measure the step training will run
+        need = check_memory(model, train_batches, train, trainable)
+    tracker.say(f"memory: a step on the longest batch needs about {need / 1e9:.2f} GB")
     try:
         state = train_loop(
             model,
@@ -572,6 +677,14 @@ def main(params: Params) -> None:
             fp,
             tracker,
         )
+    except (RuntimeError, MemoryError) as exc:
+        if not any(word in str(exc).lower() for word in _OUT_OF_MEMORY):
+            raise
+        raise TrainError(
+            f"train: out of memory after step {state.step}: {exc}; lower train.batch_size or "
+            "train.max_seq_length, or set train.grad_checkpoint: true; run `dvc repro train` to "
+            f"resume from the last checkpoint in {checkpoints}"
+        ) from exc
     finally:
         tracker.close()
 
