@@ -41,7 +41,6 @@ Cases besides `trainers`:
   env       the ablation in a fresh process per MLX setting read at start-up (`--env-sweep`,
             e.g. "MLX_USE_CUDA_GRAPHS=0;MLX_MAX_OPS_PER_BUFFER=10").
   micro     the NaN guard alone and `mx.random.seed` alone.
-  padding   the demo data's padding (needs models/base and data/sanitized).
 `--bundled-steps` runs lorapipe with MLX's bundled BLAS (LORAPIPE_BLAS=bundled) in a subprocess.
 On GPU, `--frameworks torch` times PyTorch + PEFT (`--torch-modes`: eager, torch.compile) on the
 same shapes, one subprocess per case. bench/README.md has the GPU recipe and the results.
@@ -56,7 +55,6 @@ import gc
 import io
 import itertools
 import json
-import math
 import os
 import platform
 import statistics
@@ -125,7 +123,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "windows": 6,
         "repeats": 3,
         "frameworks": "mlx",
-        "cases": "trainers,ablation,micro,padding",
+        "cases": "trainers,ablation,micro",
         "ablation_steps": 1,
         "variants": "before;after;after, LoRA branch in float32;mlx-lm step",
         "profile_variants": "",
@@ -903,78 +901,6 @@ def bundled_worker(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
-# --- padding on the demo data -------------------------------------------------------------------
-
-
-def padding_case(args: argparse.Namespace) -> dict[str, Any]:
-    """Padding of lorapipe's batches of data/sanitized/train.jsonl: PAD_TO 32 (as shipped), 8,
-    1; mlx-lm's own rule (1 + 32 * ceil(longest / 32)); and greedy packing into rows of
-    max_seq_length tokens (not implemented in lorapipe: an upper bound on what it could save)."""
-    from mlx_lm.utils import load_tokenizer
-
-    from lorapipe.params import load_params
-    from lorapipe.stages import train as train_stage
-
-    params = load_params(ROOT / "params.yaml")
-    base = ROOT / params.paths.base
-    split = ROOT / params.paths.sanitized / "train.jsonl"
-    if not (base / "tokenizer.json").is_file() or not split.is_file():
-        log(f"    padding: skipped ({base} or {split} missing; run `dvc repro sanitize`)")
-        return {"skipped": f"{base} or {split} missing"}
-    tokenizer = load_tokenizer(base)
-    examples = train_stage.load_split(split, tokenizer, params.train.mask_prompt)
-    batch = params.train.batch_size
-    lengths = sorted(len(e.tokens) for e in examples)
-    result: dict[str, Any] = {
-        "rows": len(examples),
-        "batch_size": batch,
-        "tokens_mean": statistics.mean(lengths),
-        "tokens_median": statistics.median(lengths),
-        "tokens_max": lengths[-1],
-    }
-    shipped = train_stage.PAD_TO
-    try:
-        for pad in (32, 8, 1):
-            train_stage.PAD_TO = pad
-            made = train_stage.make_batches(examples, batch)
-            result[f"pad_to_{pad}"] = made.padding_fraction
-            # Each distinct width is one more trace + compile of the step.
-            result[f"pad_to_{pad}_widths"] = len({t.shape[1] for t in made.tokens})
-    finally:
-        train_stage.PAD_TO = shipped
-    # mlx-lm's iterate_batches on the same length-sorted groups.
-    groups = [lengths[i : i + batch] for i in range(0, len(lengths) - batch + 1, batch)]
-    real = sum(sum(g) for g in groups)
-    padded = sum(batch * (1 + 32 * math.ceil(max(g) / 32)) for g in groups)
-    result["mlx_lm_rule"] = 1 - real / padded
-    # Greedy first-fit-decreasing packing into rows of max_seq_length tokens.
-    capacity = params.train.max_seq_length
-    free: list[int] = []
-    for n in reversed(lengths):
-        for j, room in enumerate(free):
-            if room >= n:
-                free[j] -= n
-                break
-        else:
-            free.append(capacity - n)
-    rows = math.ceil(len(free) / batch) * batch
-    result["packed_rows"] = len(free)
-    result["packed"] = 1 - sum(lengths) / (rows * capacity)
-    widths = (f"PAD_TO {pad}: {result[f'pad_to_{pad}_widths']}" for pad in (32, 8, 1))
-    log("    distinct batch widths: " + ", ".join(widths))
-    log(
-        "    padding fraction: "
-        + ", ".join(
-            f"{k} {result[k]:.1%}"
-            for k in ("pad_to_32", "pad_to_8", "pad_to_1", "mlx_lm_rule", "packed")
-        )
-    )
-    return result
-
-
-# --- PyTorch + PEFT (GPU) -----------------------------------------------------------------------
-
-
 def torch_worker(args: argparse.Namespace) -> None:
     """One case in a fresh process: eager or torch.compile, one shape. Prints JSON."""
     import torch
@@ -1266,7 +1192,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, help="timed windows per run")
     parser.add_argument("--repeats", type=int, help="runs of each trainer, alternating")
     parser.add_argument("--frameworks", help="mlx,torch")
-    parser.add_argument("--cases", help="trainers,ablation,micro,padding")
+    parser.add_argument("--cases", help="trainers,ablation,micro (padding: bench/padding.py)")
     parser.add_argument("--ablation-steps", type=int, help="steps per variant per round")
     parser.add_argument("--variants", help="ablation variants, separated by ';'")
     parser.add_argument("--profile-variants", help="profiled variants, separated by ';'")
@@ -1357,9 +1283,6 @@ def main() -> None:
         if "torch" in frameworks:
             cases_out["torch"] = torch_case(args, shape)
         atomic_write_json(output, report)  # keep what is done if a later case dies
-    if "mlx" in frameworks and "padding" in cases:
-        log("padding on the demo data ...")
-        report["padding"] = padding_case(args)
     if "mlx" in frameworks and args.device == "cpu" and args.bundled_steps:
         log(f"LORAPIPE_BLAS=bundled: lorapipe, 1 warm-up + {args.bundled_steps} steps ...")
         report["bundled"] = bundled_case(args)

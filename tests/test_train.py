@@ -268,3 +268,24 @@ def test_a_batch_without_targets_gives_zero_loss_not_nan(tiny_model_dir: Path) -
     tokens = mx.array([[1, 2, 3, 4, 5]])
     loss, count = masked_loss(model, tokens, mx.zeros((1, 5)))
     assert loss.item() == 0.0 and count.item() == 0
+
+
+def test_a_split_loss_covers_every_row(tiny_model_dir: Path) -> None:
+    """Training drops the last partial batch; eval's test loss must not drop any row."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from lorapipe.stages.train import dataset_loss, encode, make_batches, masked_loss
+
+    model, tokenizer = load(str(tiny_model_dir))
+    examples = [encode(row, tokenizer, mask_prompt=True) for row in make_rows(10, 3)]
+    assert [len(b) for b in make_batches(examples, 4).tokens] == [4, 4]
+    every = make_batches(examples, 4, every_row=True)
+    assert sorted(len(b) for b in every.tokens) == [2, 4, 4]
+    assert every.real_tokens == sum(len(e.tokens) for e in examples)
+
+    total = count = 0.0
+    for e in examples:  # one row at a time, no padding at all
+        loss, n = masked_loss(model, mx.array([e.tokens]), mx.array([e.targets], mx.float32))
+        total, count = total + loss.item() * n.item(), count + n.item()
+    assert dataset_loss(model, every) == pytest.approx(total / count, rel=1e-5)

@@ -53,7 +53,7 @@ def evaluate_model(
     examples = [encode(row, tokenizer, mask_prompt=True) for row in rows]
     # Loss batches as large as training's: what fits in training fits here (full-vocabulary
     # logits of eval.batch_size rows might not).
-    batches = make_batches(examples, min(params.train.batch_size, len(examples)))
+    batches = make_batches(examples, params.train.batch_size, every_row=True)
     loss = dataset_loss(model, batches, config.loss_batches)
 
     prompts = [chat_prompt(tokenizer, row["messages"][:-1]) for row in rows]

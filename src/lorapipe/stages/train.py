@@ -116,9 +116,14 @@ class Batches:
         return 1 - self.real_tokens / max(self.padded_tokens, 1)
 
 
-def make_batches(examples: list[Example], batch_size: int, pad_to: int = PAD_TO) -> Batches:
+def make_batches(
+    examples: list[Example], batch_size: int, pad_to: int = PAD_TO, every_row: bool = False
+) -> Batches:
+    """Length-sorted batches of `batch_size` rows. Training leaves out the last partial batch
+    (every step the same size); `every_row` keeps it, for losses that must cover a whole split."""
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i].tokens), i))
-    groups = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+    last = len(order) if every_row else len(order) - batch_size + 1
+    groups = [order[i : i + batch_size] for i in range(0, last, batch_size)]
     batches = Batches([], [], [])
     for group in groups:
         longest = max(len(examples[i].tokens) for i in group)
