@@ -1,6 +1,6 @@
 """LoRA training throughput: lorapipe's train stage vs mlx-lm's trainer (+ PyTorch/PEFT on GPU).
 
-    uv run python bench/train.py                          # CPU: ~10 min on 2 cores
+    uv run python bench/train.py                          # CPU: ~13 min on 2 cores
     uv run python bench/train.py --bundled-steps 0        # without the bundled-BLAS run (~5 min)
     uv run python bench/train.py --shapes tiny --batch 2 --seq 32 --repeats 1 --windows 2 \
         --report-every 2 --ablation-steps 2 --bundled-steps 0 --cases trainers,ablation  # smoke

@@ -160,6 +160,13 @@ def test_kill_then_resume_gives_the_uninterrupted_result(
     assert_same_run(train_project, uninterrupted)
     summary = json.loads((train_project / "metrics" / "train.json").read_text())
     assert summary["steps"] == ITERS
+    # A run resumed at its end trains nothing, yet reports the run's peak memory, not its own.
+    again = train(train_project)
+    assert again.returncode == 0, again.stderr
+    log = train_project / "dvclive" / "train" / "plots" / "metrics" / "train" / "peak_memory_gb.tsv"
+    peaks = [float(line.split("\t")[-1]) for line in log.read_text().splitlines()[1:]]
+    after = json.loads((train_project / "metrics" / "train.json").read_text())
+    assert after["peak_memory_gb"] >= round(max(peaks), 3) > 0
 
 
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(

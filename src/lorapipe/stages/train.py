@@ -714,7 +714,15 @@ def main(params: Params) -> None:
         "train_seconds": round(state.train_seconds, 1),
         "seen_tokens": state.seen_tokens,
         "tokens_per_second": round(state.seen_tokens / max(state.train_seconds, 1e-9), 1),
-        "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3),
+        # The highest peak any report saw, across resumed runs (this process may have resumed
+        # at the end and trained nothing).
+        "peak_memory_gb": round(
+            max(
+                [r["peak_memory_gb"] for r in state.history if "peak_memory_gb" in r]
+                + [mx.get_peak_memory() / 1e9]
+            ),
+            3,
+        ),
         "padding_fraction": round(train_batches.padding_fraction, 4),
     }
     atomic_write_json(Path(paths.metrics) / "train.json", summary)
