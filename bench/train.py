@@ -17,8 +17,10 @@ Both MLX trainers run themselves, with the same model, batches, LoRA layers and 
             (lengths (0, T): the same target mask as lorapipe's) by an `iterate_batches`.
 
 `--trainers` picks among lorapipe, lorapipe_no_clip (max_grad_norm off: mlx-lm's and PEFT's
-arithmetic), lorapipe_memory_limit (train.memory_limit_gb = MEMORY_LIMIT_GB[shape]), mlx_lm
-(as mlx_lm.lora runs it: buffer cache emptied every step) and mlx_lm_keep_cache.
+arithmetic), lorapipe_memory_limit (train.memory_limit_gb = MEMORY_LIMIT_GB[shape]),
+lorapipe_matched (that limit and train.grad_checkpoint = CHECKPOINT_BLOCKS[shape]: the setting
+that keeps to PyTorch's memory), mlx_lm (as mlx_lm.lora runs it: buffer cache emptied every
+step) and mlx_lm_keep_cache.
 
 Model: llama with SmolLM2-135M's (or -1.7B's) shape and random weights; LoRA from
 params.yaml (rank 8, scale 2, no dropout, every linear layer of every block); the optimizer is
@@ -170,7 +172,7 @@ def bench_params(args: argparse.Namespace, total_steps: int) -> Any:
         batch_size=args.batch,
         grad_accumulation_steps=1,
         max_seq_length=args.seq + 1,
-        grad_checkpoint=False,
+        grad_checkpoint=0,
         steps_per_report=args.report_every,
         steps_per_eval=total_steps,
         val_batches=0,
@@ -260,9 +262,11 @@ def run_lorapipe(
     seed: int,
     clip: bool = True,
     memory_limit: bool = False,
+    checkpoint: bool = False,
 ) -> dict[str, Any]:
     import mlx.core as mx
 
+    from lorapipe.fast import checkpoint_blocks
     from lorapipe.stages.train import LoopState, attach_adapters, make_optimizer, train_loop
 
     total = (args.warmup + args.windows) * args.report_every
@@ -272,12 +276,20 @@ def run_lorapipe(
             params, train=dataclasses.replace(params.train, max_grad_norm=None)
         )
     if memory_limit:  # train.memory_limit_gb: the allocator limit while training
+        limit = (MATCHED_LIMIT_GB if checkpoint else MEMORY_LIMIT_GB)[shape]
+        params = dataclasses.replace(
+            params, train=dataclasses.replace(params.train, memory_limit_gb=limit)
+        )
+    if checkpoint:  # train.grad_checkpoint: blocks that recompute their activations
         params = dataclasses.replace(
             params,
-            train=dataclasses.replace(params.train, memory_limit_gb=MEMORY_LIMIT_GB[shape]),
+            train=dataclasses.replace(
+                params.train, grad_checkpoint=args.checkpoint_blocks or CHECKPOINT_BLOCKS[shape]
+            ),
         )
     model = mlx_model(shape, args.dtype, seed)
     attach_adapters(model, params.lora)
+    checkpoint_blocks(model, params.train.grad_checkpoint)  # as the stage does
     optimizer = make_optimizer(params.train, total)
     clock = ReportClock()
     free_mlx()
@@ -392,6 +404,8 @@ def trainers_case(args: argparse.Namespace, shape: str) -> dict[str, Any]:
         "lorapipe_no_clip": partial(run_lorapipe, clip=False),
         # train.memory_limit_gb set to MEMORY_LIMIT_GB[shape]
         "lorapipe_memory_limit": partial(run_lorapipe, memory_limit=True),
+        # and train.grad_checkpoint set to CHECKPOINT_BLOCKS[shape]
+        "lorapipe_matched": partial(run_lorapipe, memory_limit=True, checkpoint=True),
         "mlx_lm": run_mlx_lm,  # as mlx_lm.lora runs it: buffer cache emptied every step
         "mlx_lm_keep_cache": partial(run_mlx_lm, keep_cache=True),
     }
@@ -470,14 +484,16 @@ class Step:
     checkpoint: bool = False  # gradient checkpointing of every block (recompute in the backward)
     memory_limit: bool = False  # mx.set_memory_limit(MEMORY_LIMIT_GB[shape]) while it runs
     swiglu: bool = True  # fast.swiglu_keeping_inputs; False: mlx-lm's swiglu, autodiff's backward
+    vector: bool = True  # fast.OneVector: the optimizer over one vector; False: array by array
 
 
 # "before": train_loop as committed before the speed work (isfinite over every gradient,
 # float32 LoRA branch, mx.eval + three .item() after every step); "after": train_loop now.
 # The others switch one lever of "after" off (or on, for checkpointing).
 VARIANTS: dict[str, Step] = {
-    "before": Step(guard="every", lora="fp32", pipelined=False, swiglu=False),
+    "before": Step(guard="every", lora="fp32", pipelined=False, swiglu=False, vector=False),
     "after": Step(),
+    "after, optimizer array by array": Step(vector=False),
     "after, LoRA branch in float32": Step(lora="fp32"),
     "after, swiglu through autodiff": Step(swiglu=False),
     "after, guard over every gradient": Step(guard="every"),
@@ -489,26 +505,13 @@ VARIANTS: dict[str, Step] = {
 # The limit MLX's allocator is asked to keep to (it then waits for queued work to finish
 # before allocating more): PyTorch + PEFT + torch.compile's peak on the H200 (2026-11-21).
 MEMORY_LIMIT_GB = {"135m": 4.4, "1.7b": 15.7, "tiny": 0.05}
+# Blocks whose activations are recomputed (train.grad_checkpoint) so that, with that limit, the
+# step needs no more than PyTorch: ~0.2 GB a block at 1.7B (of 24), ~0.02 GB at 135M (of 30).
+CHECKPOINT_BLOCKS = {"135m": 2, "1.7b": 8, "tiny": 1}
+# MLX fills its allocator up to the limit before it waits: below PyTorch's peak, with those blocks.
+MATCHED_LIMIT_GB = {"135m": 4.4, "1.7b": 15.0, "tiny": 0.05}
 # Also known to the ablation: "mlx-lm step", "mlx-lm step, cache cleared" (its compiled step as
 # its trainer runs it), "forward only", "forward and backward" (no update, no guard).
-
-
-def checkpoint_blocks(model: Any) -> None:
-    """mlx-lm's grad_checkpoint for this model's blocks only (it patches the class for all)."""
-    import mlx.core as mx
-
-    base = type(model.layers[0])
-
-    class Checkpointed(base):  # type: ignore[misc, valid-type]
-        def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            def inner(params: Any, *args: Any, **kwargs: Any) -> Any:
-                self.update(params)
-                return base.__call__(self, *args, **kwargs)
-
-            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
-
-    for layer in model.layers:
-        layer.__class__ = Checkpointed
 
 
 def build_step(
@@ -523,10 +526,11 @@ def build_step(
     from mlx_lm.tuner.trainer import default_loss
 
     from lorapipe.fast import (
-        clip_by_norm,
+        ArrayByArray,
+        OneVector,
+        checkpoint_blocks,
         fast_training,
         lora_in_compute_dtype,
-        squared_norm,
         swiglu_keeping_inputs,
     )
     from lorapipe.stages.train import attach_adapters, make_optimizer, masked_loss, step_seed
@@ -601,9 +605,11 @@ def build_step(
         previous = mx.set_memory_limit(int(MEMORY_LIMIT_GB[shape] * 1e9))
         stack.callback(mx.set_memory_limit, previous)
     if v.checkpoint:
-        checkpoint_blocks(model)
+        checkpoint_blocks(model, -1)
     max_norm = params.train.max_grad_norm or 1.0
     loss_and_grad = nn.value_and_grad(model, masked_loss)
+    layout = (OneVector if v.vector else ArrayByArray)(model, optimizer)
+    state[:] = [model.state, optimizer.state, mx.random.state, layout.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(tokens: Any, targets: Any) -> Any:  # train_loop's step, accumulate = 1
@@ -611,8 +617,9 @@ def build_step(
         finite = mx.array(True)
         if v.guard == "every":
             finite = mx.stack([mx.isfinite(g).all() for _, g in tree_flatten(grad)]).all()
+        grad = layout.gradient(grad)
         if v.guard == "norm" or (v.clip and v.guard is None):
-            norm_sq = squared_norm(grad)
+            norm_sq = layout.squared_norm(grad)
             if v.guard == "norm":
                 finite = mx.isfinite(norm_sq)
         if v.clip:
@@ -621,8 +628,8 @@ def build_step(
 
                 grad, _ = optim.clip_grad_norm(grad, max_norm)
             else:
-                grad = clip_by_norm(grad, mx.sqrt(norm_sq), max_norm)
-        optimizer.update(model, grad)
+                grad = layout.scale(grad, mx.minimum(max_norm / (mx.sqrt(norm_sq) + 1e-6), 1.0))
+        layout.update(grad)
         return loss, count, finite
 
     def launch(i: int) -> tuple[Any, ...]:
@@ -1203,7 +1210,10 @@ def main() -> None:
     parser.add_argument(
         "--trainers",
         default="lorapipe,lorapipe_no_clip,mlx_lm,mlx_lm_keep_cache",
-        help="trainers case: which (also lorapipe_memory_limit)",
+        help="trainers case: which (also lorapipe_memory_limit, lorapipe_matched)",
+    )
+    parser.add_argument(
+        "--checkpoint-blocks", type=int, help="lorapipe_matched: blocks (default CHECKPOINT_BLOCKS)"
     )
     parser.add_argument("--trainer-suffix", default="", help="appended to the trainers' names")
     parser.add_argument("--bundled-steps", type=int, help="CPU: timed bundled-BLAS steps; 0: off")

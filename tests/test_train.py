@@ -296,3 +296,65 @@ def test_a_split_loss_covers_every_row(tiny_model_dir: Path) -> None:
         loss, n = masked_loss(model, mx.array([e.tokens]), mx.array([e.targets], mx.float32))
         total, count = total + loss.item() * n.item(), count + n.item()
     assert dataset_loss(model, every) == pytest.approx(total / count, rel=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_logits_at_learned_positions_only_keep_the_loss_and_gradients(
+    tiny_model_dir: Path, tied: bool
+) -> None:
+    """The output layer runs on the learned positions only (Batches.positions); the loss and
+    every adapter gradient are those of the full logits, with a tied or a separate head."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm import load
+    from mlx_lm.models import llama
+
+    from lorapipe.params import load_params
+    from lorapipe.stages.train import attach_adapters, encode, make_batches, masked_loss
+
+    model, tokenizer = load(str(tiny_model_dir))
+    if not tied:
+        args = llama.ModelArgs.from_dict({**vars(model.args), "tie_word_embeddings": False})
+        model = llama.Model(args)
+    mx.random.seed(0)
+    attach_adapters(model, load_params(REPO / "params.yaml").lora)
+    for name, b in tree_flatten(model.trainable_parameters()):  # B = 0 would hide A's gradient
+        if name.endswith("lora_b"):
+            model.update(tree_unflatten([(name, 0.1 * mx.random.normal(b.shape))]))
+    rows = make_rows(9, 4)
+    rows[0]["messages"][2]["content"] += " and a much longer answer " * 6  # a wider batch
+    examples = [encode(row, tokenizer, mask_prompt=True) for row in rows]
+    batches = make_batches(examples, 4, every_row=True)
+    assert len({t.shape for t in batches.tokens}) == 3  # widths 32 and 64; 1 row left over
+    loss_and_grad = nn.value_and_grad(model, masked_loss)
+    for i in range(len(batches)):
+        tokens, targets, positions = batches.arrays(i)
+        learned = targets[:, 1:].reshape(-1)
+        assert positions is not None and int(learned[positions].sum()) == int(learned.sum())
+        assert positions.size < targets[:, 1:].size  # prompts and padding are left out
+        (full, count), full_grad = loss_and_grad(model, tokens, targets)
+        (gathered, gathered_count), grad = loss_and_grad(model, tokens, targets, positions)
+        assert gathered.item() == pytest.approx(full.item(), rel=1e-5)
+        assert gathered_count.item() == count.item() > 0
+        for (name, a), (_, b) in zip(tree_flatten(grad), tree_flatten(full_grad)):
+            assert mx.allclose(a, b, rtol=1e-4, atol=1e-6).item(), name
+
+
+def test_positions_are_padded_to_one_count_per_width() -> None:
+    """Every batch of one width gathers the same number of positions (one compiled shape per
+    width, as without gathering); padding entries point at unlearned positions; a batch whose
+    every position is learned gathers nothing."""
+    from lorapipe.stages.train import Example, make_batches
+
+    examples = [Example(list(range(1, 21)), [0] * (20 - n) + [1] * n) for n in (2, 3, 5, 9)]
+    batches = make_batches(examples, 2)
+    (first, second) = batches.positions
+    assert first is not None and second is not None and first.size == second.size == 9 + 5
+    for targets, positions in zip(batches.targets, batches.positions):
+        learned = targets[:, 1:].reshape(-1)
+        assert learned[positions].sum() == learned.sum()
+    every = make_batches([Example([1, 2, 3], [0, 1, 1])] * 2, 2)
+    assert every.positions[0] is not None  # padded to 33 wide: some positions are not learned
+    full = make_batches([Example(list(range(1, 34)), [0] + [1] * 32)] * 2, 2)
+    assert full.positions == [None]

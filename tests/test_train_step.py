@@ -164,19 +164,122 @@ def test_one_norm_pass_clips_like_mlx_and_catches_any_non_finite_entry() -> None
     import mlx.core as mx
     import mlx.optimizers as optim
 
-    from lorapipe.fast import clip_by_norm, squared_norm
+    from lorapipe.fast import ArrayByArray, squared_norm
 
     mx.random.seed(1)
     grads = {"a": [mx.random.normal((4, 8)) * 3, mx.random.normal((8,))], "b": mx.ones((5, 2))}
     norm_sq = squared_norm(grads)
     expected, expected_norm = optim.clip_grad_norm(grads, 1.0)
     assert abs(mx.sqrt(norm_sq).item() - expected_norm.item()) < 1e-5 * expected_norm.item()
-    clipped = clip_by_norm(grads, mx.sqrt(norm_sq), 1.0)
+    factor = mx.minimum(1.0 / (mx.sqrt(norm_sq) + 1e-6), 1.0)  # train_loop's clip
+    clipped = ArrayByArray(None, None).scale(grads, factor)
     assert mx.allclose(clipped["a"][0], expected["a"][0], rtol=1e-5).item()
     assert mx.allclose(clipped["b"], expected["b"], rtol=1e-5).item()
     for bad in (float("nan"), float("inf"), -float("inf")):
         poisoned = {**grads, "b": grads["b"].at[2, 1].add(bad)}
         assert not mx.isfinite(squared_norm(poisoned)).item(), bad
+
+
+@pytest.mark.parametrize("optimizer_name", ["adamw", "sgd"])
+def test_one_vector_updates_like_mlx_array_by_array_and_saves_state_by_name(
+    tiny_model_dir: Path, optimizer_name: str
+) -> None:
+    """fast.OneVector: the same updates as mlx's optimizer array by array, the model's arrays
+    views of the vector, and the optimizer's state under the names ArrayByArray gives it (so
+    checkpoints are the same and either layout resumes the other's)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_map
+
+    from lorapipe.fast import ArrayByArray, OneVector
+    from lorapipe.params import load_params
+    from lorapipe.stages.train import make_optimizer
+
+    train = dataclasses.replace(load_params(REPO / "params.yaml").train, optimizer=optimizer_name)
+    models = [lora_model(tiny_model_dir, "float32") for _ in range(2)]
+    optimizers = [make_optimizer(train, 10) for _ in range(2)]
+    assert OneVector.fits(models[0], optimizers[0])
+    vector = OneVector(models[0], optimizers[0])
+    arrays = ArrayByArray(models[1], optimizers[1])
+    mx.random.seed(2)
+    for _ in range(3):
+        grads = tree_map(lambda a: mx.random.normal(a.shape), models[1].trainable_parameters())
+        vector.update(vector.gradient(grads))
+        arrays.update(grads)
+    ours, theirs = (dict(tree_flatten(m.trainable_parameters())) for m in models)
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        assert mx.allclose(ours[name], theirs[name], rtol=1e-6, atol=1e-7).item(), name
+    state, expected = vector.optimizer_state(), arrays.optimizer_state()
+    assert state.keys() == expected.keys()
+    for name in expected:
+        assert mx.allclose(state[name], expected[name], rtol=1e-6, atol=1e-7).item(), name
+
+    # A run restored by name (as train.restore does) continues on one vector where it was.
+    resumed = lora_model(tiny_model_dir, "float32")
+    resumed.update(models[1].trainable_parameters())
+    optimizer = make_optimizer(train, 10)
+    optimizer.init(resumed.trainable_parameters())
+    optimizer.state = dict(optimizers[1].state)
+    layout = OneVector(resumed, optimizer)
+    grads = tree_map(lambda a: mx.random.normal(a.shape), resumed.trainable_parameters())
+    layout.update(layout.gradient(grads))
+    arrays.update(grads)
+    after = dict(tree_flatten(resumed.trainable_parameters()))
+    for name, value in tree_flatten(models[1].trainable_parameters()):
+        assert mx.allclose(after[name], value, rtol=1e-6, atol=1e-7).item(), name
+
+
+def test_bfloat16_views_of_one_vector_take_the_steps_of_per_array_casts(
+    tiny_model_dir: Path,
+) -> None:
+    """On a bfloat16 model the LoRA branch runs in bfloat16 either way: OneVector hands the
+    layers bfloat16 views of one cast of the vector, ArrayByArray lets each layer cast its A
+    and B. The steps must be the same, and the model must hold float32 arrays afterwards."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from lorapipe.fast import ArrayByArray, OneVector, bfloat16_branches, fast_training
+    from lorapipe.params import load_params
+    from lorapipe.stages.train import make_optimizer, masked_loss
+
+    train = load_params(REPO / "params.yaml").train
+    models = [lora_model(tiny_model_dir, "bfloat16") for _ in range(2)]
+    assert bfloat16_branches(models[0])
+    assert not bfloat16_branches(lora_model(tiny_model_dir, "float32"))
+    vector = OneVector(models[0], make_optimizer(train, 10), mx.bfloat16)
+    arrays = ArrayByArray(models[1], make_optimizer(train, 10))
+    assert {a.dtype for _, a in tree_flatten(models[0].trainable_parameters())} == {mx.bfloat16}
+    mx.random.seed(5)
+    tokens = mx.random.randint(3, models[0].args.vocab_size, (2, 33))
+    for _ in range(3):
+        for model, layout in ((models[0], vector), (models[1], arrays)):
+            with fast_training(model):
+                (_, _), grad = nn.value_and_grad(model, masked_loss)(
+                    model, tokens, mx.ones((2, 33))
+                )
+                layout.update(layout.gradient(grad))
+            mx.eval(model.parameters(), layout.state)
+    theirs = arrays.parameters()
+    vector.close()
+    ours = dict(tree_flatten(models[0].trainable_parameters()))
+    assert ours.keys() == theirs.keys()
+    for name, value in theirs.items():
+        assert ours[name].dtype == mx.float32
+        assert mx.allclose(ours[name], value, rtol=1e-6, atol=1e-8).item(), name
+
+
+def test_adafactor_and_bfloat16_arrays_stay_array_by_array(tiny_model_dir: Path) -> None:
+    from lorapipe.fast import OneVector
+    from lorapipe.params import load_params
+    from lorapipe.stages.train import make_optimizer
+
+    train = load_params(REPO / "params.yaml").train
+    adafactor = make_optimizer(dataclasses.replace(train, optimizer="adafactor"), 10)
+    assert not OneVector.fits(lora_model(tiny_model_dir, "float32"), adafactor)
+    full = lora_model(tiny_model_dir, "bfloat16")
+    full.unfreeze()  # bfloat16 arrays train too: a float32 vector would change their updates
+    assert not OneVector.fits(full, make_optimizer(train, 10))
 
 
 class Reports:
@@ -192,11 +295,13 @@ class Reports:
         pass
 
 
+@pytest.mark.parametrize("layout", ["ArrayByArray", "OneVector"])
 def test_the_pipelined_loop_takes_the_same_steps_as_a_plain_loop(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str
 ) -> None:
     """train_loop queues step i+1 before reading step i; the losses and the adapters must be
-    those of a loop that waits for every step (mlx-lm's trainer's shape, written out)."""
+    those of a loop that waits for every step (mlx-lm's trainer's shape, written out), with
+    either layout of the trainable arrays (the CPU runs ArrayByArray, a GPU OneVector)."""
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
@@ -229,6 +334,9 @@ def test_the_pipelined_loop_takes_the_same_steps_as_a_plain_loop(
             warmup_steps=2,
         ),
     )
+    from lorapipe import fast
+
+    monkeypatch.setattr(fast, "trainable_layout", getattr(fast, layout))
     model = lora_model(tiny_model_dir, "float32")
     rng = np.random.default_rng(0)
     vocab = model.args.vocab_size
@@ -260,3 +368,22 @@ def test_the_pipelined_loop_takes_the_same_steps_as_a_plain_loop(
     trained = dict(tree_flatten(model.trainable_parameters()))
     for name, value in tree_flatten(reference.trainable_parameters()):
         assert mx.allclose(trained[name], value, rtol=1e-3, atol=1e-5).item(), name
+
+
+def test_checkpointed_blocks_give_the_same_loss_and_gradients(tiny_model_dir: Path) -> None:
+    """train.grad_checkpoint: N blocks recompute their activations; the maths is the same, and
+    another model of the same class is left alone (mlx-lm's grad_checkpoint patches the class)."""
+    import mlx.core as mx
+
+    from lorapipe.fast import checkpoint_blocks
+
+    plain_loss, plain = loss_and_grads(lora_model(tiny_model_dir, "float32"), fast=False)
+    model = lora_model(tiny_model_dir, "float32")
+    other = lora_model(tiny_model_dir, "float32")
+    assert checkpoint_blocks(model, 1) == 1
+    assert type(model.layers[0]) is not type(model.layers[1]) is type(other.layers[0])
+    loss, grads = loss_and_grads(model, fast=False)
+    assert loss == pytest.approx(plain_loss, rel=1e-6)
+    for name, value in plain.items():
+        assert mx.allclose(grads[name], value, rtol=1e-5, atol=1e-7).item(), name
+    assert checkpoint_blocks(other, -1) == len(other.layers)

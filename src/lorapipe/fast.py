@@ -11,13 +11,20 @@
   only rounding changes: losses agree to bfloat16 precision (tests/test_train_step.py). float32
   models (the CPU default) are untouched, and so is float16, whose narrow range could lose
   small adapter gradients.
-- `squared_norm` / `clip_by_norm`: one pass over the gradients gives both the NaN guard (the
+- `squared_norm`: one pass over the gradients gives both the NaN guard (the
   sum of squares is finite iff every entry is, short of a float32 overflow that no update
   should take either) and gradient clipping's norm, instead of one pass each.
 - `swiglu_keeping_inputs`: mlx-lm's swiglu, silu(gate) * x, differentiated by hand so that the
   backward pass reads only gate and x and recomputes the sigmoid (bfloat16 only). Measured on
   an H200: steps 2-3% faster, peak memory unchanged.
 - `fast_training`: the LoRA and swiglu rewrites together, what train_loop runs inside.
+- `logits_at`: the output layer on chosen positions only (the learned ones), for every model
+  whose `model.model` is the body and whose head works position by position (mlx-lm's).
+- `OneVector`: the optimizer over one float32 vector holding every trainable array (the model's
+  arrays are views into it) instead of array by array: on a GPU, hundreds of small adapter
+  arrays otherwise cost thousands of tiny kernels a step. `ArrayByArray` is mlx's own way, kept
+  for what one vector cannot do (Adafactor's factored moments, non-float32 arrays).
+- `checkpoint_blocks`: gradient checkpointing of some or all blocks of one model.
 - `memory_limit`: MLX's allocator limit for a block. The host queues work ahead of the device,
   and every buffer a queued kernel reads stays allocated until that kernel has run; above the
   limit MLX waits for queued work to finish before it allocates more.
@@ -28,6 +35,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+import numpy as np
 
 
 def _compute_dtype_lora_class() -> type:
@@ -134,6 +143,33 @@ def fast_training(model: Any) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def logits_at(model: Any, positions: Any) -> Iterator[None]:
+    """Inside, `model(inputs)` returns logits [len(positions), vocab] for the flat positions of
+    inputs [batch, length] only: the body's hidden states are gathered before the model's own
+    head (tied or not, softcapped or not) runs. Swaps the body's class, as lora_in_compute_dtype
+    does, so the module tree and its parameter names stay as they are. A model without a
+    `model.model` body is left alone: it returns all logits [batch, length, vocab]."""
+    import mlx.nn as nn
+
+    body = getattr(model, "model", None)
+    if not isinstance(body, nn.Module):
+        yield
+        return
+    original = type(body)
+
+    class Gathered(original):  # type: ignore[misc, valid-type]
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            hidden = original.__call__(self, *args, **kwargs)
+            return hidden.reshape(-1, hidden.shape[-1])[positions]
+
+    body.__class__ = Gathered
+    try:
+        yield
+    finally:
+        body.__class__ = original
+
+
 def squared_norm(grads: Any) -> Any:
     """Sum of the squares of every gradient entry, in float32 (as clip_grad_norm sums)."""
     import mlx.core as mx
@@ -145,13 +181,202 @@ def squared_norm(grads: Any) -> Any:
     return total
 
 
-def clip_by_norm(grads: Any, norm: Any, max_norm: float) -> Any:
-    """mlx.optimizers.clip_grad_norm's scaling, given the norm already computed."""
-    import mlx.core as mx
-    from mlx.utils import tree_map
+class ArrayByArray:
+    """The trainable arrays as the model holds them, updated by mlx's optimizer array by array
+    (as mlx-lm's trainer does). train_loop's step reads gradients through these methods."""
 
-    normalizer = mx.minimum(max_norm / (norm + 1e-6), 1.0)
-    return tree_map(lambda g: (g * normalizer).astype(g.dtype), grads)
+    def __init__(self, model: Any, optimizer: Any) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.state: dict[str, Any] = {}  # arrays the compiled step changes, besides the model's
+
+    def gradient(self, grads: Any) -> Any:
+        return grads
+
+    def add(self, a: Any, b: Any) -> Any:
+        from mlx.utils import tree_map
+
+        return tree_map(lambda x, y: x + y, a, b)
+
+    def squared_norm(self, grad: Any) -> Any:
+        return squared_norm(grad)
+
+    def scale(self, grad: Any, factor: Any) -> Any:
+        from mlx.utils import tree_map
+
+        return tree_map(lambda g: (g * factor).astype(g.dtype), grad)
+
+    def update(self, grad: Any) -> None:
+        self.optimizer.update(self.model, grad)
+
+    def parameters(self) -> dict[str, Any]:
+        """The trainable arrays by name, as trained (what adapters and checkpoints hold)."""
+        from mlx.utils import tree_flatten
+
+        return dict(tree_flatten(self.model.trainable_parameters()))
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's state by parameter name (what checkpoints hold)."""
+        from mlx.utils import tree_flatten
+
+        return dict(tree_flatten(self.optimizer.state))
+
+    def close(self) -> None:
+        """Leave the model holding its trainable arrays as trained."""
+
+
+class OneVector(ArrayByArray):
+    """Every trainable array as a slice of one float32 vector. A step concatenates the
+    gradients once (one copy per array), then the clipping norm, the clip and the optimizer's
+    update each run once over the whole vector instead of once per array: the same elementwise
+    maths (Adam, AdamW, SGD) in a few kernels instead of ~5 per array. The model reads views
+    into the vector (no copies) or, with `compute_dtype` (bfloat16 LoRA branches, see
+    `bfloat16_branches`), views into one bfloat16 copy of it, made by one cast instead of two
+    casts per array (forward, and the gradient back). Checkpoints see the optimizer's state
+    under the names ArrayByArray gives it, so either layout resumes the other's."""
+
+    def __init__(self, model: Any, optimizer: Any, compute_dtype: Any = None) -> None:
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+
+        super().__init__(model, optimizer)
+        self.compute_dtype = compute_dtype
+        named = tree_flatten(model.trainable_parameters())
+        self.names = [name for name, _ in named]
+        self.shapes = [a.shape for _, a in named]
+        ends = np.cumsum([a.size for _, a in named]).tolist()
+        self.bounds = list(zip([0, *ends[:-1]], ends, strict=True))
+        self.state = {"vector": mx.concatenate([a.reshape(-1) for _, a in named])}
+        # The optimizer's state moves onto the vector too (a restored run's, by name).
+        by_name = dict(tree_flatten(optimizer.state))
+        kept = {k: v for k, v in optimizer.state.items() if isinstance(v, mx.array)}
+        optimizer.state = kept  # step, learning rate
+        optimizer.init({"vector": self.state["vector"]})
+        for key in optimizer.state["vector"]:
+            if all(f"{name}.{key}" in by_name for name in self.names):
+                optimizer.state["vector"][key] = mx.concatenate(
+                    [by_name[f"{name}.{key}"].reshape(-1) for name in self.names]
+                )
+        self._install(compute_dtype)
+
+    @staticmethod
+    def fits(model: Any, optimizer: Any) -> bool:
+        """Whether one vector keeps the maths: an elementwise optimizer and float32 arrays."""
+        import mlx.core as mx
+        import mlx.optimizers as optim
+        from mlx.utils import tree_flatten
+
+        elementwise = isinstance(optimizer, (optim.Adam, optim.SGD))  # AdamW is an Adam
+        arrays = tree_flatten(model.trainable_parameters())
+        return elementwise and bool(arrays) and all(a.dtype == mx.float32 for _, a in arrays)
+
+    def _split(self, vector: Any) -> list[tuple[str, Any]]:
+        return [
+            (name, vector[start:stop].reshape(shape))
+            for name, shape, (start, stop) in zip(self.names, self.shapes, self.bounds, strict=True)
+        ]
+
+    def _install(self, dtype: Any) -> None:
+        from mlx.utils import tree_unflatten
+
+        vector = self.state["vector"]
+        if dtype is not None:
+            vector = vector.astype(dtype)
+        self.model.update(tree_unflatten(self._split(vector)))
+
+    def gradient(self, grads: Any) -> Any:
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+
+        by_name = dict(tree_flatten(grads))
+        vector = mx.concatenate([by_name[name].reshape(-1) for name in self.names])
+        return vector.astype(mx.float32)
+
+    def add(self, a: Any, b: Any) -> Any:
+        return a + b
+
+    def squared_norm(self, grad: Any) -> Any:
+        return grad.square().sum()
+
+    def scale(self, grad: Any, factor: Any) -> Any:
+        return grad * factor
+
+    def update(self, grad: Any) -> None:
+        vector = {"vector": self.state["vector"]}
+        self.state["vector"] = self.optimizer.apply_gradients({"vector": grad}, vector)["vector"]
+        self._install(self.compute_dtype)
+
+    def parameters(self) -> dict[str, Any]:
+        return dict(self._split(self.state["vector"]))
+
+    def optimizer_state(self) -> dict[str, Any]:
+        state = dict(self.optimizer.state)
+        by_name = {k: v for k, v in state.items() if k != "vector"}
+        for key, vector in state["vector"].items():
+            for name, part in self._split(vector):
+                by_name[f"{name}.{key}"] = part
+        return by_name
+
+    def close(self) -> None:
+        self._install(None)
+
+
+def bfloat16_branches(model: Any) -> bool:
+    """Whether every trainable array is the A or B of a plain LoRA layer over a bfloat16 layer:
+    the layers lora_in_compute_dtype runs in bfloat16, casting A and B on every call."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.lora import LoRALinear
+
+    branches = set()
+    for name, module in model.named_modules():
+        frozen = getattr(module, "linear", None)
+        weight = getattr(frozen, "scales", getattr(frozen, "weight", None))
+        if type(module) is LoRALinear and weight is not None and weight.dtype == mx.bfloat16:
+            branches |= {f"{name}.lora_a", f"{name}.lora_b"}
+    names = [name for name, _ in tree_flatten(model.trainable_parameters())]
+    return bool(names) and set(names) <= branches
+
+
+def trainable_layout(model: Any, optimizer: Any) -> ArrayByArray:
+    """OneVector on a GPU where it keeps the maths, else ArrayByArray. On the CPU, where a
+    kernel costs no launch, one vector was not faster (bench/README.md)."""
+    import mlx.core as mx
+
+    if mx.default_device() == mx.gpu and OneVector.fits(model, optimizer):
+        return OneVector(model, optimizer, mx.bfloat16 if bfloat16_branches(model) else None)
+    return ArrayByArray(model, optimizer)
+
+
+def _checkpointed(base: type) -> type:
+    import mlx.core as mx
+
+    class Checkpointed(base):
+        """mlx-lm's grad_checkpoint, as a subclass."""
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            def inner(params: Any, *args: Any, **kwargs: Any) -> Any:
+                self.update(params)
+                return base.__call__(self, *args, **kwargs)
+
+            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+    return Checkpointed
+
+
+def checkpoint_blocks(model: Any, count: int) -> int:
+    """Make the first `count` blocks (-1: all) recompute their activations in the backward pass
+    instead of keeping them from the forward pass: the same maths in less memory, for one more
+    forward pass of those blocks. mlx-lm's grad_checkpoint patches the block class, i.e. every
+    block of every model of that class; this swaps the class of this model's chosen blocks
+    only. Returns how many blocks."""
+    chosen = model.layers if count == -1 else model.layers[:count]
+    classes: dict[type, type] = {}
+    for layer in chosen:
+        base = type(layer)
+        if base not in classes:
+            classes[base] = _checkpointed(base)
+        layer.__class__ = classes[base]
+    return len(chosen)
 
 
 @contextmanager

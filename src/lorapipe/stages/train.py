@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import time
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -99,6 +100,10 @@ class Batches:
     tokens: list[np.ndarray]  # [batch, length] int32, 0-padded
     targets: list[np.ndarray]  # [batch, length] float32
     real: list[int]  # tokens in each batch that are not padding (what tokens/s counts)
+    # Where logits are needed: the flat indices of tokens[:, :-1] whose next token is learned,
+    # padded with an unlearned index to the same count for every batch of one width (so no more
+    # compiled shapes than widths); None where every position is learned.
+    positions: list[np.ndarray | None] = field(default_factory=list)
 
     @property
     def real_tokens(self) -> int:
@@ -114,6 +119,17 @@ class Batches:
     @property
     def padding_fraction(self) -> float:
         return 1 - self.real_tokens / max(self.padded_tokens, 1)
+
+    def arrays(self, index: int) -> tuple[Any, Any, Any]:
+        """Batch `index` as the MLX arrays masked_loss takes after the model."""
+        import mlx.core as mx
+
+        positions = self.positions[index] if self.positions else None
+        return (
+            mx.array(self.tokens[index]),
+            mx.array(self.targets[index]),
+            None if positions is None else mx.array(positions),
+        )
 
 
 def make_batches(
@@ -138,7 +154,28 @@ def make_batches(
         batches.real.append(sum(len(examples[i].tokens) for i in group))
         batches.tokens.append(tokens)
         batches.targets.append(targets)
+    batches.positions = learned_positions(batches.targets)
     return batches
+
+
+def learned_positions(targets: list[np.ndarray]) -> list[np.ndarray | None]:
+    """Each batch's learned input positions (Batches.positions)."""
+    learned = [np.flatnonzero(t[:, 1:]).astype(np.int32) for t in targets]
+    count: dict[tuple[int, ...], int] = {}
+    for t, where in zip(targets, learned, strict=True):
+        count[t.shape] = max(count.get(t.shape, 0), where.size)
+    positions: list[np.ndarray | None] = []
+    for t, where in zip(targets, learned, strict=True):
+        size = t[:, 1:].size
+        if count[t.shape] == size:
+            positions.append(None)  # all learned: the full logits, no gather
+            continue
+        # Padding entries point at an unlearned position (one exists: fewer learned than
+        # size), whose zero weight keeps them out of the loss and its gradient.
+        unlearned = int(np.flatnonzero(t[:, 1:].reshape(-1) == 0)[0])
+        pad = np.full(count[t.shape] - where.size, unlearned, np.int32)
+        positions.append(np.concatenate([where, pad]))
+    return positions
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -222,14 +259,27 @@ def make_optimizer(train: TrainParams, total_steps: int) -> Any:
     return optim.Adafactor(learning_rate=schedule)
 
 
-def masked_loss(model: Any, tokens: Any, targets: Any) -> tuple[Any, Any]:
-    """Mean cross-entropy over target tokens; a batch with none gives 0, never 0/0."""
+def masked_loss(model: Any, tokens: Any, targets: Any, positions: Any = None) -> tuple[Any, Any]:
+    """Mean cross-entropy over target tokens; a batch with none gives 0, never 0/0.
+
+    With `positions` (Batches.positions) the output layer runs on the learned positions only:
+    the same loss without the logits nothing reads. SmolLM2's vocabulary is 85 times its width
+    and ~28% of the demo data's positions are learned: the default CPU step runs 1.22x faster.
+    """
     import mlx.core as mx
     import mlx.nn as nn
 
-    logits = model(tokens[:, :-1])
-    mask = targets[:, 1:]
-    ce = nn.losses.cross_entropy(logits, tokens[:, 1:]) * mask
+    from lorapipe.fast import logits_at
+
+    inputs, labels, mask = tokens[:, :-1], tokens[:, 1:], targets[:, 1:]
+    if positions is None:
+        logits = model(inputs)
+    else:
+        with logits_at(model, positions):
+            logits = model(inputs)
+        if logits.ndim == 2:  # gathered (else a model logits_at does not know: all of them)
+            labels, mask = labels.reshape(-1)[positions], mask.reshape(-1)[positions]
+    ce = nn.losses.cross_entropy(logits, labels) * mask
     count = mask.sum()
     return ce.astype(mx.float32).sum() / mx.maximum(count, 1), count
 
@@ -241,7 +291,7 @@ def dataset_loss(model: Any, batches: Batches, max_batches: int = -1) -> float:
     total, count = mx.array(0.0), mx.array(0.0)
     limit = len(batches) if max_batches == -1 else min(max_batches, len(batches))
     for i in range(limit):
-        loss, n = masked_loss(model, mx.array(batches.tokens[i]), mx.array(batches.targets[i]))
+        loss, n = masked_loss(model, *batches.arrays(i))
         total, count = total + loss * n, count + n
         mx.eval(total, count)
     return float((total / mx.maximum(count, 1)).item())
@@ -285,17 +335,19 @@ def fingerprint(params: Params, files: list[Path]) -> str:
 
 
 def save_checkpoint(
-    directory: Path, model: Any, optimizer: Any, state: LoopState, fingerprint_: str
+    directory: Path,
+    adapters: dict[str, Any],
+    optimizer_state: dict[str, Any],
+    state: LoopState,
+    fingerprint_: str,
 ) -> Path:
+    """Write checkpoint step-N atomically (trainable arrays and optimizer state by name)."""
     import mlx.core as mx
-    from mlx.utils import tree_flatten
 
     final = directory / f"step-{state.step:07d}"
     with atomic_dir(final) as tmp:
-        mx.save_safetensors(
-            str(tmp / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters()))
-        )
-        mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        mx.save_safetensors(str(tmp / "adapters.safetensors"), adapters)
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), optimizer_state)
         atomic_write_json(tmp / "state.json", {"fingerprint": fingerprint_, **asdict(state)})
     atomic_write_json(directory / LATEST, {"checkpoint": final.name, "step": state.step})
     for old in sorted(directory.glob(CHECKPOINT_GLOB))[:-2]:  # keep the last two
@@ -380,32 +432,37 @@ def train_loop(
 ) -> LoopState:
     import mlx.core as mx
     import mlx.nn as nn
-    from mlx.utils import tree_flatten, tree_map
 
-    from lorapipe.fast import clip_by_norm, fast_training, memory_limit, squared_norm
+    from lorapipe.fast import fast_training, memory_limit, trainable_layout
 
     train = params.train
     loss_and_grad = nn.value_and_grad(model, masked_loss)
     accumulate = train.grad_accumulation_steps
-    compiled_state = [model.state, optimizer.state, mx.random.state]
+    layout = trainable_layout(model, optimizer)
+    compiled_state = [model.state, optimizer.state, mx.random.state, layout.state]
 
     @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
-    def step(tokens: Any, targets: Any, previous: Any, update: bool) -> Any:
-        (loss, count), grad = loss_and_grad(model, tokens, targets)
+    def step(tokens: Any, targets: Any, positions: Any, previous: Any, update: bool) -> Any:
+        (loss, count), grad = loss_and_grad(model, tokens, targets, positions)
+        grad = layout.gradient(grad)
         if previous is not None:
-            grad = tree_map(lambda a, b: a + b, grad, previous)
+            grad = layout.add(grad, previous)
         # One pass over the gradients feeds both the NaN guard and clipping (bench/README.md).
-        norm_sq = squared_norm(grad)
+        norm_sq = layout.squared_norm(grad)
         finite = mx.isfinite(norm_sq)
         if update:
-            if accumulate > 1:
-                grad = tree_map(lambda g: g / accumulate, grad)
+            factor = mx.array(1 / accumulate, mx.float32)
             if train.max_grad_norm is not None:
+                # clip_grad_norm's scaling, of the mean gradient over the accumulated batches
                 norm = mx.sqrt(norm_sq) / accumulate
-                grad = clip_by_norm(grad, norm, train.max_grad_norm)
-            optimizer.update(model, grad)
+                factor = factor * mx.minimum(train.max_grad_norm / (norm + 1e-6), 1.0)
+            layout.update(layout.scale(grad, factor))
             grad = None
         return loss, count, finite, grad
+
+    def save(state: LoopState) -> None:
+        parameters, optimizer_state = layout.parameters(), layout.optimizer_state()
+        save_checkpoint(checkpoints, parameters, optimizer_state, state, fingerprint_)
 
     def validate() -> float:
         model.eval()
@@ -429,9 +486,7 @@ def train_loop(
         ):
             state.best_val_loss, state.best_step = val_loss, state.step
             state.evals_without_improvement = 0
-            mx.save_safetensors(
-                str(checkpoints / BEST_ADAPTER), dict(tree_flatten(model.trainable_parameters()))
-            )
+            mx.save_safetensors(str(checkpoints / BEST_ADAPTER), layout.parameters())
         else:
             state.evals_without_improvement += 1
 
@@ -442,8 +497,7 @@ def train_loop(
         # Random draws (dropout) depend on (seed, step) only: a resumed run draws the same.
         mx.random.seed(step_seed(params.seed, number))
         outputs = step(
-            mx.array(train_batches.tokens[index]),
-            mx.array(train_batches.targets[index]),
+            *train_batches.arrays(index),
             previous,
             (number + 1) % accumulate == 0,
         )
@@ -466,7 +520,8 @@ def train_loop(
     window = state.window
     # train.memory_limit_gb also bounds how far MLX's queue runs ahead (bench/README.md).
     limit = memory_limit(train.memory_limit_gb)
-    with limit, fast_training(model), _StopRequest() as stop:
+    # closing: the model is left holding its float32 arrays, whatever ends the loop.
+    with limit, fast_training(model), closing(layout), _StopRequest() as stop:
         if state.step == 0:
             evaluate_and_track()
         clock = time.perf_counter()
@@ -521,7 +576,7 @@ def train_loop(
                     break
             at_boundary = state.step % accumulate == 0
             if at_boundary and (state.step % train.save_every == 0 or stop.requested):
-                save_checkpoint(checkpoints, model, optimizer, state, fingerprint_)
+                save(state)
             if stop.requested and at_boundary:
                 raise Interrupted(
                     f"train: {stop.requested} at step {state.step}; checkpoint saved in "
@@ -530,7 +585,7 @@ def train_loop(
             clock = time.perf_counter()  # reports, evaluations and saves are not step time
             if state.step < total_steps:
                 pending = launch(state.step, accumulated)
-    save_checkpoint(checkpoints, model, optimizer, state, fingerprint_)
+    save(state)
     return state
 
 
@@ -570,7 +625,7 @@ def check_memory(model: Any, batches: Batches, train: TrainParams, trainable: in
     shape = "x".join(map(str, batches.tokens[largest].shape))
     advice = (
         "lower train.batch_size or train.max_seq_length (with sanitize.max_tokens), or set "
-        "train.grad_checkpoint: true"
+        "train.grad_checkpoint: -1 (or a number of blocks)"
     )
     if train.memory_limit_gb is not None:
         limit, source = int(train.memory_limit_gb * 1e9), "train.memory_limit_gb"
@@ -578,9 +633,7 @@ def check_memory(model: Any, batches: Batches, train: TrainParams, trainable: in
         limit, source = memory_available()
     mx.reset_peak_memory()
     try:
-        _, grad = nn.value_and_grad(model, masked_loss)(
-            model, mx.array(batches.tokens[largest]), mx.array(batches.targets[largest])
-        )
+        _, grad = nn.value_and_grad(model, masked_loss)(model, *batches.arrays(largest))
         mx.eval(grad)
     except (RuntimeError, MemoryError) as exc:
         if not any(word in str(exc).lower() for word in _OUT_OF_MEMORY):
@@ -608,10 +661,9 @@ def check_memory(model: Any, batches: Batches, train: TrainParams, trainable: in
 def main(params: Params) -> None:
     import mlx.core as mx
     from mlx.utils import tree_flatten
-    from mlx_lm.tuner.trainer import grad_checkpoint
     from mlx_lm.utils import load
 
-    from lorapipe.fast import fast_training
+    from lorapipe.fast import checkpoint_blocks, fast_training
     from lorapipe.provenance import run_record
     from lorapipe.tracking import Tracker
 
@@ -664,8 +716,12 @@ def main(params: Params) -> None:
         f"{total_steps} steps of {train.batch_size}; padding {train_batches.padding_fraction:.1%}"
     )
     tracker.replay(state.history)
-    if train.grad_checkpoint:
-        grad_checkpoint(model.layers[0])
+    if train.grad_checkpoint > len(model.layers):
+        raise TrainError(
+            f"train.grad_checkpoint: {train.grad_checkpoint} but the model has "
+            f"{len(model.layers)} blocks"
+        )
+    checkpoint_blocks(model, train.grad_checkpoint)
     with fast_training(model):  # measure the step training will run
         need = check_memory(model, train_batches, train, trainable)
     tracker.say(f"memory: a step on the longest batch needs about {need / 1e9:.2f} GB")
@@ -687,7 +743,7 @@ def main(params: Params) -> None:
             raise
         raise TrainError(
             f"train: out of memory after step {state.step}: {exc}; lower train.batch_size or "
-            "train.max_seq_length, or set train.grad_checkpoint: true; run `dvc repro train` to "
+            "train.max_seq_length, or set train.grad_checkpoint: -1; run `dvc repro train` to "
             f"resume from the last checkpoint in {checkpoints}"
         ) from exc
     finally:
