@@ -12,7 +12,6 @@ import io
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from tests.test_pipeline import ran_stages, set_params
+from tests.test_pipeline import copy_repo, ran_stages, set_params
 
 pytestmark = pytest.mark.slow  # every test here runs the pipeline at least once
 
@@ -127,23 +126,9 @@ def cached_outputs() -> list[str]:
 
 
 def fresh_copy(dest: Path) -> Path:
-    """What a clone of this working tree holds: tracked files plus untracked ones git does not
-    ignore, committed in a new repo. Cached outputs are left out even when a pipeline run in
-    the source tree has not yet listed them in a .gitignore: they live in DVC's cache, not git."""
-    skip = cached_outputs()
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    for name in filter(None, listed.split("\0")):
-        source = REPO / name
-        if source.is_file() and not any(name == o or name.startswith(f"{o}/") for o in skip):
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
-    git(dest, "init", "-q", "-b", BRANCH)
-    commit_all(dest, "clone")
+    """What a clone of this working tree holds (test_pipeline.copy_repo), on branch BRANCH."""
+    copy_repo(dest)
+    git(dest, "branch", "-M", BRANCH)
     return dest
 
 
