@@ -507,7 +507,7 @@ VARIANTS: dict[str, Step] = {
 MEMORY_LIMIT_GB = {"135m": 4.4, "1.7b": 15.7, "tiny": 0.05}
 # Blocks whose activations are recomputed (train.grad_checkpoint) so that, with that limit, the
 # step needs no more than PyTorch: ~0.2 GB a block at 1.7B (of 24), ~0.02 GB at 135M (of 30).
-CHECKPOINT_BLOCKS = {"135m": 2, "1.7b": 8, "tiny": 1}
+CHECKPOINT_BLOCKS = {"135m": 2, "1.7b": 4, "tiny": 1}
 # MLX fills its allocator up to the limit before it waits: below PyTorch's peak, with those blocks.
 MATCHED_LIMIT_GB = {"135m": 4.4, "1.7b": 15.0, "tiny": 0.05}
 # Also known to the ablation: "mlx-lm step", "mlx-lm step, cache cleared" (its compiled step as
