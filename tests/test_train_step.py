@@ -370,9 +370,12 @@ def test_the_pipelined_loop_takes_the_same_steps_as_a_plain_loop(
         assert mx.allclose(trained[name], value, rtol=1e-3, atol=1e-5).item(), name
 
 
-def test_checkpointed_blocks_give_the_same_loss_and_gradients(tiny_model_dir: Path) -> None:
-    """train.grad_checkpoint: N blocks recompute their activations; the maths is the same, and
-    another model of the same class is left alone (mlx-lm's grad_checkpoint patches the class)."""
+def test_checkpointed_blocks_give_the_same_loss_and_gradients(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train.grad_checkpoint: N blocks recompute their activations (their forward pass runs
+    again in the backward pass); the maths is the same, and another model of the same class is
+    left alone (mlx-lm's grad_checkpoint patches the class)."""
     import mlx.core as mx
 
     from lorapipe.fast import checkpoint_blocks
@@ -380,9 +383,21 @@ def test_checkpointed_blocks_give_the_same_loss_and_gradients(tiny_model_dir: Pa
     plain_loss, plain = loss_and_grads(lora_model(tiny_model_dir, "float32"), fast=False)
     model = lora_model(tiny_model_dir, "float32")
     other = lora_model(tiny_model_dir, "float32")
+    block = type(model.layers[0])
     assert checkpoint_blocks(model, 1) == 1
-    assert type(model.layers[0]) is not type(model.layers[1]) is type(other.layers[0])
+    assert type(model.layers[0]) is not type(model.layers[1]) is type(other.layers[0]) is block
+
+    calls: list[Any] = []
+    forward = block.__call__
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(self)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(block, "__call__", counted)
     loss, grads = loss_and_grads(model, fast=False)
+    runs = [sum(c is layer for c in calls) for layer in model.layers]
+    assert runs == [2] + [1] * (len(model.layers) - 1)  # block 0 ran again in the backward
     assert loss == pytest.approx(plain_loss, rel=1e-6)
     for name, value in plain.items():
         assert mx.allclose(grads[name], value, rtol=1e-5, atol=1e-7).item(), name
