@@ -1,4 +1,4 @@
-"""Pieces of the training step that do the same maths in fewer bytes and fewer GPU kernels.
+"""Pieces of the training step that do the same maths in fewer FLOPs, bytes and GPU kernels.
 
 - `lora_in_compute_dtype`: mlx-lm's LoRA layers keep their A and B matrices in float32, so on a
   bfloat16 model every adapted layer casts its input to float32, multiplies in float32 and
@@ -22,8 +22,9 @@
   whose `model.model` is the body and whose head works position by position (mlx-lm's).
 - `OneVector`: the optimizer over one float32 vector holding every trainable array (the model's
   arrays are views into it) instead of array by array: on a GPU, hundreds of small adapter
-  arrays otherwise cost thousands of tiny kernels a step. `ArrayByArray` is mlx's own way, kept
-  for what one vector cannot do (Adafactor's factored moments, non-float32 arrays).
+  arrays otherwise cost thousands of tiny kernels a step. `ArrayByArray` is mlx's own way: on
+  the CPU (where one vector measured 0.96x), and for what one vector cannot do (Adafactor's
+  factored moments, non-float32 arrays). `trainable_layout` picks one.
 - `checkpoint_blocks`: gradient checkpointing of some or all blocks of one model.
 - `memory_limit`: MLX's allocator limit for a block. The host queues work ahead of the device,
   and every buffer a queued kernel reads stays allocated until that kernel has run; above the
