@@ -26,6 +26,7 @@ import shutil
 import string
 import sys
 import tempfile
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -358,17 +359,46 @@ def money(rng: random.Random, low: int, high: int, step: int) -> str:
 Sampler = Callable[[random.Random], tuple[str, str]]
 
 
-def verbatim(values: Sequence[str]) -> Sampler:
+def same(draw: Callable[[random.Random], str]) -> Sampler:
+    """A value the input states exactly as the output has it."""
+
     def sample(rng: random.Random) -> tuple[str, str]:
-        value = pick(rng, values)
+        value = draw(rng)
         return value, value
 
     return sample
 
 
-def sample_person(rng: random.Random) -> tuple[str, str]:
-    name = person(rng)
-    return name, name
+def verbatim(values: Sequence[str]) -> Sampler:
+    return same(lambda rng: pick(rng, values))
+
+
+def phrasings(text: str) -> list[tuple[str, tuple[str, ...]]]:
+    """Parse `head: phrasing | phrasing | ...` lines (a line starting with `|` continues one).
+
+    A phrasing is a sentence template ("Please invite {with}.") or a way to say a value; the
+    head names what it states. Order matters: the rng picks phrasings by position.
+    """
+    entries = []
+    for line in re.sub(r"\n\s*\|", " |", text.strip()).splitlines():
+        head, body = line.split(":", 1)
+        entries.append((head.strip(), tuple(p.strip() for p in body.split("|") if p.strip())))
+    return entries
+
+
+def phrased(text: str) -> Sampler:
+    """A value normalized in the output: `canonical: phrasing | ...`, one line per value."""
+    surfaces = dict(phrasings(text))
+    canonical = list(surfaces)
+
+    def sample(rng: random.Random) -> tuple[str, str]:
+        value = pick(rng, canonical)
+        return value, pick(rng, surfaces[value])
+
+    return sample
+
+
+sample_person = same(person)
 
 
 def sample_date(rng: random.Random) -> tuple[str, str]:
@@ -376,45 +406,22 @@ def sample_date(rng: random.Random) -> tuple[str, str]:
     return date_canon(d), date_surface(rng, d)
 
 
-def sample_meeting_when(rng: random.Random) -> tuple[str, str]:
+def meeting_when(rng: random.Random) -> tuple[str, str]:
     return when_value(rng, 8, 18)
 
 
-def sample_dinner_when(rng: random.Random) -> tuple[str, str]:
+def dinner_when(rng: random.Random) -> tuple[str, str]:
     return when_value(rng, 11, 21)
 
 
-def sample_room(rng: random.Random) -> tuple[str, str]:
+def room(rng: random.Random) -> str:
     if rng.random() < 0.6:
-        room = f"room {rng.randint(1, 14)}{pick(rng, 'ABCDEF')}"
-    else:
-        room = f"{pick(rng, NAMED_ROOMS)} room"
-    return room, room
+        return f"room {rng.randint(1, 14)}{pick(rng, 'ABCDEF')}"
+    return f"{pick(rng, NAMED_ROOMS)} room"
 
 
-def sample_repeat(rng: random.Random) -> tuple[str, str]:
-    canon = pick(rng, ["daily", "weekly", "monthly"])
-    surfaces = {
-        "daily": ["every day", "each day", "on a daily basis"],
-        "weekly": ["every week", "each week", "on a weekly basis"],
-        "monthly": ["every month", "once a month", "on a monthly basis"],
-    }[canon]
-    return canon, pick(rng, surfaces)
-
-
-def sample_flight(rng: random.Random) -> tuple[str, str]:
-    code = f"{pick(rng, AIRLINES)}{rng.randint(10, 9999)}"
-    return code, code
-
-
-def sample_qty(rng: random.Random) -> tuple[str, str]:
-    qty = str(rng.randint(2, 60))
-    return qty, qty
-
-
-def sample_budget(rng: random.Random) -> tuple[str, str]:
-    value = money(rng, 200, 20000, 50)
-    return value, value
+def flight(rng: random.Random) -> str:
+    return f"{pick(rng, AIRLINES)}{rng.randint(10, 9999)}"
 
 
 def sample_severity(rng: random.Random) -> tuple[str, str]:
@@ -424,49 +431,23 @@ def sample_severity(rng: random.Random) -> tuple[str, str]:
     )
 
 
-def sample_ticket(rng: random.Random) -> tuple[str, str]:
-    ticket = f"INC-{rng.randint(1000, 9999)}"
-    return ticket, ticket
-
-
-def sample_amount(rng: random.Random) -> tuple[str, str]:
-    value = f"${rng.randint(5, 950)}.{rng.randrange(100):02d}"
-    return value, value
-
-
-def sample_order_id(rng: random.Random) -> tuple[str, str]:
-    order = f"ORD-{rng.randint(10000, 99999)}"
-    return order, order
-
-
-def sample_priority(rng: random.Random) -> tuple[str, str]:
-    canon = pick(rng, ["high", "normal", "low"])
-    surfaces = {
-        "high": [
-            "It's urgent.",
-            "This is high priority.",
-            "Treat it as top priority.",
-            "It's a high-priority item.",
-        ],
-        "normal": [
-            "Normal priority is fine.",
-            "It's a regular-priority item.",
-            "Standard priority applies.",
-            "It's routine work.",
-        ],
-        "low": [
-            "It's low priority.",
-            "This is a low-priority item.",
-            "It can wait, it's low priority.",
-            "Treat it as low priority.",
-        ],
-    }[canon]
-    return canon, pick(rng, surfaces)
-
-
-def sample_party(rng: random.Random) -> tuple[str, str]:
-    size = str(rng.randint(2, 14))
-    return size, size
+sample_repeat = phrased(
+    """
+    daily: every day | each day | on a daily basis
+    weekly: every week | each week | on a weekly basis
+    monthly: every month | once a month | on a monthly basis
+    """
+)
+sample_priority = phrased(
+    """
+    high: It's urgent. | This is high priority. | Treat it as top priority.
+        | It's a high-priority item.
+    normal: Normal priority is fine. | It's a regular-priority item. | Standard priority applies.
+        | It's routine work.
+    low: It's low priority. | This is a low-priority item. | It can wait, it's low priority.
+        | Treat it as low priority.
+    """
+)
 
 
 @dataclass(frozen=True)
@@ -486,600 +467,242 @@ class RecordType:
     clauses: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]
 
 
-def clauses(
-    *entries: tuple[str, Sequence[str]],
-) -> tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]:
-    return tuple((tuple(keys.split()), tuple(templates)) for keys, templates in entries)
+def record_type(name: str, keys: str, samplers: dict[str, Sampler], text: str) -> RecordType:
+    """A type from its phrasings: `intents: ...`, then one `keys stated: template | ...` line
+    per clause (see phrasings)."""
+    (head, intents), *clauses = phrasings(text)
+    assert head == "intents", name
+    return RecordType(
+        name,
+        tuple(keys.split()),
+        samplers,
+        intents,
+        tuple((tuple(keys_stated.split()), templates) for keys_stated, templates in clauses),
+    )
 
 
+# Each type: its name, its keys in output order, how each key's value is drawn, and its
+# phrasings (an `intents:` line, then one `keys stated: template | ...` line per clause).
+# fmt: off
 NL_TYPES: tuple[RecordType, ...] = (
-    RecordType(
-        "meeting",
-        ("with", "when", "where", "topic"),
-        {
-            "with": sample_person,
-            "when": sample_meeting_when,
-            "where": sample_room,
-            "topic": verbatim(TOPICS),
-        },
-        (
-            "Could you set up a meeting for me?",
-            "I need a meeting on the calendar, please.",
-            "Please schedule a meeting.",
-            "Can you arrange a meeting for me?",
-            "I'd like to arrange a meeting.",
-            "Would you mind organizing a meeting?",
-            "Quick favor: please put a meeting in the diary.",
-            "We should meet soon, so please set something up.",
-            "Please add a meeting to my calendar.",
-            "I'm hoping to get a meeting booked.",
-        ),
-        clauses(
-            (
-                "with",
-                [
-                    "It should be with {with}.",
-                    "Please invite {with}.",
-                    "The other attendee is {with}.",
-                    "I'll be meeting {with}.",
-                    "{with} needs to be there.",
-                ],
-            ),
-            (
-                "when",
-                [
-                    "It should happen {when}.",
-                    "Let's aim to meet {when}.",
-                    "Please make it {when}.",
-                    "Could we do it {when}?",
-                    "Everyone is free {when}.",
-                ],
-            ),
-            (
-                "where",
-                [
-                    "We can use {where}.",
-                    "Please reserve {where} for it.",
-                    "It can be held in {where}.",
-                    "The location should be {where}.",
-                ],
-            ),
-            (
-                "topic",
-                [
-                    "We'll go over the {topic}.",
-                    "The topic is the {topic}.",
-                    "It's about the {topic}.",
-                    "We need to discuss the {topic}.",
-                ],
-            ),
-            (
-                "with when",
-                [
-                    "Please set it up with {with} {when}.",
-                    "{with} is free {when}, so let's grab that slot.",
-                ],
-            ),
-            ("with where", ["{with} and I can meet in {where}."]),
-            ("when where", ["Grab {where} {when}, if it's free.", "Let's meet in {where} {when}."]),
-            (
-                "with topic",
-                [
-                    "I want to talk to {with} about the {topic}.",
-                    "{with} wants to go through the {topic} with me.",
-                ],
-            ),
-            (
-                "with when where",
-                [
-                    "Can you get {with} and me into {where} {when}?",
-                    "Please have {with} join me in {where} {when}.",
-                ],
-            ),
-            (
-                "with when where topic",
-                [
-                    "Please set up a meeting with {with} {when} in {where} to discuss the {topic}.",
-                    "I need {where} {when} so {with} and I can go through the {topic}.",
-                ],
-            ),
-            ("when topic", ["We should cover the {topic} {when}."]),
-        ),
-    ),
-    RecordType(
-        "reminder",
-        ("task", "when", "repeat"),
-        {"task": verbatim(ERRANDS), "when": sample_meeting_when, "repeat": sample_repeat},
-        (
-            "Please set a reminder for me.",
-            "Can you remind me about something?",
-            "I keep forgetting this, so please add a reminder.",
-            "Set up a reminder, please.",
-            "Could you make sure I get a reminder?",
-            "Note to self, please turn this into a reminder.",
-            "I need a nudge for this one.",
-        ),
-        clauses(
-            (
-                "task",
-                [
-                    "I need to {task}.",
-                    "The thing to remember is to {task}.",
-                    "It's about needing to {task}.",
-                ],
-            ),
-            (
-                "when",
-                [
-                    "Ping me {when}.",
-                    "The reminder should go off {when}.",
-                    "Please alert me {when}.",
-                ],
-            ),
-            (
-                "repeat",
-                [
-                    "This should repeat {repeat}.",
-                    "Make it recur {repeat}.",
-                    "I have to do it {repeat}.",
-                ],
-            ),
-            (
-                "task when",
-                ["Remind me to {task} {when}.", "I have to {task}, so please ping me {when}."],
-            ),
-            ("task repeat", ["I need to {task} {repeat}."]),
-            ("task when repeat", ["Remind me {repeat} to {task}, starting {when}."]),
-        ),
-    ),
-    RecordType(
-        "travel",
-        ("who", "from", "to", "date", "flight"),
-        {
-            "who": sample_person,
-            "from": verbatim(CITIES),
-            "to": verbatim(CITIES),
-            "date": sample_date,
-            "flight": sample_flight,
-        },
-        (
-            "Please log this trip.",
-            "Can you arrange travel for a colleague?",
-            "I need a trip added to the travel tracker.",
-            "Here are the details for an upcoming trip.",
-            "Could you sort out the travel arrangements?",
-            "Please note the following trip.",
-        ),
-        clauses(
-            (
-                "who",
-                ["The traveler is {who}.", "This is for {who}.", "{who} will be the one flying."],
-            ),
-            ("from", ["Departure is from {from}."]),
-            ("to", ["The destination is {to}."]),
-            (
-                "from to",
-                [
-                    "The route is {from} to {to}.",
-                    "It's a trip from {from} to {to}.",
-                    "Departure is from {from}, arriving in {to}.",
-                ],
-            ),
-            (
-                "date",
-                [
-                    "The travel date is {date}.",
-                    "It's scheduled for {date}.",
-                    "The departure day is {date}.",
-                ],
-            ),
-            (
-                "flight",
-                [
-                    "The flight number is {flight}.",
-                    "Please use flight {flight}.",
-                    "They're booked on {flight}.",
-                ],
-            ),
-            ("who from to", ["{who} is flying from {from} to {to}."]),
-            ("who date", ["{who} leaves on {date}."]),
-            ("from to date", ["The flight from {from} to {to} departs on {date}."]),
-            ("who from to date", ["{who} needs to get from {from} to {to} on {date}."]),
-            ("date flight", ["Flight {flight} leaves on {date}."]),
-        ),
-    ),
-    RecordType(
-        "order",
-        ("item", "qty", "vendor", "budget"),
-        {
-            "item": verbatim(ITEMS),
-            "qty": sample_qty,
-            "vendor": verbatim(VENDORS),
-            "budget": sample_budget,
-        },
-        (
-            "Could you place an order for the office?",
-            "Please put in a purchase request.",
-            "We need to order some supplies.",
-            "Can you raise a purchase order?",
-            "I'd like to request a purchase.",
-            "Please order the following for the team.",
-        ),
-        clauses(
-            (
-                "item qty",
-                [
-                    "We need {qty} {item}.",
-                    "Please get {qty} {item}.",
-                    "The request is for {qty} {item}.",
-                ],
-            ),
-            ("item", ["The items are {item}.", "What we need is {item}."]),
-            ("qty", ["The quantity is {qty}.", "We need {qty} of them."]),
-            (
-                "vendor",
-                [
-                    "Please order from {vendor}.",
-                    "Our usual supplier is {vendor}.",
-                    "{vendor} is the vendor to use.",
-                ],
-            ),
-            (
-                "budget",
-                [
-                    "The budget is {budget}.",
-                    "Please keep it under {budget}.",
-                    "We have {budget} set aside.",
-                ],
-            ),
-            (
-                "item qty vendor",
-                [
-                    "Can you buy {qty} {item} from {vendor}?",
-                    "Please order {qty} {item} through {vendor}.",
-                ],
-            ),
-            ("vendor budget", ["{vendor} should be able to do it within {budget}."]),
-        ),
-    ),
-    RecordType(
-        "incident",
-        ("service", "severity", "ticket", "owner"),
-        {
-            "service": verbatim(SERVICES),
-            "severity": sample_severity,
-            "ticket": sample_ticket,
-            "owner": sample_person,
-        },
-        (
-            "Please log an incident.",
-            "Heads up, we have an incident to track.",
-            "Writing this up from the ops call.",
-            "Can you record this outage?",
-            "Notes from the incident channel follow.",
-            "We need an incident entry for this.",
-        ),
-        clauses(
-            (
-                "service",
-                [
-                    "The affected system is the {service}.",
-                    "The {service} is down.",
-                    "Problems are coming from the {service}.",
-                ],
-            ),
-            (
-                "severity",
-                [
-                    "It's been classed as {severity}.",
-                    "Severity is {severity}.",
-                    "We're treating it as {severity}.",
-                ],
-            ),
-            (
-                "ticket",
-                [
-                    "The ticket is {ticket}.",
-                    "It's tracked as {ticket}.",
-                    "Please reference {ticket}.",
-                ],
-            ),
-            (
-                "owner",
-                ["{owner} is the owner.", "{owner} is handling it.", "Assign it to {owner}."],
-            ),
-            ("service severity", ["The {service} issue is {severity}."]),
-            ("ticket owner", ["{owner} owns {ticket}.", "{ticket} is assigned to {owner}."]),
-            ("service ticket", ["The {service} outage is tracked in {ticket}."]),
-            (
-                "service severity owner",
-                ["{owner} is working on the {severity} problem with the {service}."],
-            ),
-        ),
-    ),
-    RecordType(
-        "expense",
-        ("who", "amount", "category", "date"),
-        {
-            "who": sample_person,
-            "amount": sample_amount,
-            "category": verbatim(EXPENSE_CATEGORIES),
-            "date": sample_date,
-        },
-        (
-            "Please file an expense.",
-            "I need to submit an expense claim.",
-            "Could you log this expense?",
-            "Adding an expense for reimbursement.",
-            "Can you process a reimbursement?",
-        ),
-        clauses(
-            (
-                "who",
-                [
-                    "The claim is for {who}.",
-                    "{who} paid for it.",
-                    "It should be reimbursed to {who}.",
-                ],
-            ),
-            (
-                "amount",
-                ["The total was {amount}.", "It came to {amount}.", "The amount is {amount}."],
-            ),
-            (
-                "category",
-                [
-                    "The category is {category}.",
-                    "It was for {category}.",
-                    "File it under {category}.",
-                ],
-            ),
-            (
-                "date",
-                ["It was paid on {date}.", "The receipt is dated {date}.", "This was on {date}."],
-            ),
-            ("who amount", ["{who} spent {amount}."]),
-            ("amount category", ["It was {amount} for {category}."]),
-            ("who amount category date", ["{who} paid {amount} for {category} on {date}."]),
-            ("category date", ["The {category} was on {date}."]),
-        ),
-    ),
-    RecordType(
-        "delivery",
-        ("order", "carrier", "eta", "to"),
-        {
-            "order": sample_order_id,
-            "carrier": verbatim(CARRIERS),
-            "eta": sample_date,
-            "to": verbatim(CITIES),
-        },
-        (
-            "Can you track a delivery for me?",
-            "Please note this shipment.",
-            "Logging a delivery update.",
-            "Here's an update on a package.",
-            "Could you keep an eye on this order?",
-        ),
-        clauses(
-            (
-                "order",
-                ["The order number is {order}.", "It's order {order}.", "Reference: {order}."],
-            ),
-            (
-                "carrier",
-                [
-                    "It's shipping with {carrier}.",
-                    "The carrier is {carrier}.",
-                    "{carrier} is handling it.",
-                ],
-            ),
-            (
-                "eta",
-                [
-                    "It should arrive on {eta}.",
-                    "The expected delivery date is {eta}.",
-                    "Estimated arrival is {eta}.",
-                ],
-            ),
-            (
-                "to",
-                ["It's going to {to}.", "The destination is {to}.", "It ships to our {to} office."],
-            ),
-            (
-                "order carrier",
-                ["{carrier} is delivering {order}.", "Order {order} went out with {carrier}."],
-            ),
-            ("order eta", ["{order} should land on {eta}."]),
-            ("order carrier eta", ["{carrier} says {order} will arrive on {eta}."]),
-            ("carrier to", ["{carrier} is taking it to {to}."]),
-        ),
-    ),
-    RecordType(
-        "leave",
-        # One person per record: with a second one (who covers), who/cover swaps were the
-        # commonest held-out miss.
-        ("who", "from", "to", "reason"),
-        {"who": sample_person, "reason": verbatim(LEAVE_REASONS)},  # from/to: sample_facts
-        (
-            "Please record some time off.",
-            "I'd like to take some annual leave.",
-            "Can you log a vacation request?",
-            "Putting in a leave request.",
-            "Please add this absence to the team calendar.",
-        ),
-        clauses(
-            (
-                "who",
-                [
-                    "The request is for {who}.",
-                    "{who} will be away.",
-                    "This is the leave for {who}.",
-                ],
-            ),
-            (
-                "from to",
-                [
-                    "The leave runs from {from} to {to}.",
-                    "They're out from {from} until {to}.",
-                    "It covers {from} through {to}.",
-                ],
-            ),
-            ("from", ["It starts on {from}."]),
-            ("to", ["The last day off is {to}."]),
-            (
-                "reason",
-                [
-                    "The reason is {reason}.",
-                    "It's for {reason}.",
-                    "They'll be away for {reason}.",
-                ],
-            ),
-            ("who from to", ["{who} is off from {from} to {to}."]),
-            ("who reason", ["{who} needs time off for {reason}."]),
-        ),
-    ),
-    RecordType(
-        "task",
-        ("owner", "task", "due", "priority"),
-        {
-            "owner": sample_person,
-            "task": verbatim(WORK_TASKS),
-            "due": sample_date,
-            "priority": sample_priority,
-        },
-        (
-            "Please create a task.",
-            "Can you add this to the tracker?",
-            "New action item from today's sync.",
-            "Logging an action item.",
-            "Please assign the following work.",
-            "Here's a to-do for the board.",
-        ),
-        clauses(
-            (
-                "owner",
-                ["{owner} will own it.", "It's assigned to {owner}.", "The owner is {owner}."],
-            ),
-            (
-                "task",
-                ["The work is to {task}.", "Someone needs to {task}.", "The job is to {task}."],
-            ),
-            ("due", ["It's due on {due}.", "The deadline is {due}.", "Please finish it by {due}."]),
-            ("priority", ["{priority}"]),
-            ("owner task", ["{owner} needs to {task}.", "Can {owner} please {task}?"]),
-            (
-                "owner task due",
-                ["{owner} has to {task} by {due}.", "By {due}, {owner} should {task}."],
-            ),
-        ),
-    ),
-    RecordType(
-        "booking",
-        ("place", "party", "when", "name"),
-        {
-            "place": verbatim(RESTAURANTS),
-            "party": sample_party,
-            "when": sample_dinner_when,
-            "name": sample_person,
-        },
-        (
-            "Could you book a table?",
-            "Please make a restaurant reservation.",
-            "I'd love a dinner booking.",
-            "Can you reserve a table for us?",
-            "Please sort out a table for a team meal.",
-        ),
-        clauses(
-            (
-                "place",
-                ["The restaurant is {place}.", "Let's go to {place}.", "Please try {place}."],
-            ),
-            (
-                "party",
-                [
-                    "There will be {party} of us.",
-                    "It's a party of {party}.",
-                    "We need seats for {party}.",
-                ],
-            ),
-            ("when", ["We'd like to eat {when}.", "Please reserve it {when}."]),
-            (
-                "name",
-                ["Put it under {name}.", "The booking name is {name}.", "Use the name {name}."],
-            ),
-            (
-                "place party",
-                ["A table for {party} at {place}, please.", "Book {place} for {party} people."],
-            ),
-            ("party when", ["We're {party} people {when}."]),
-            ("place when name", ["Reserve {place} {when} under {name}."]),
-            (
-                "place party when name",
-                ["Please book {place} for {party} {when} under the name {name}."],
-            ),
-        ),
-    ),
+    record_type("meeting", "with when where topic", {
+        "with": sample_person, "when": meeting_when, "where": same(room), "topic": verbatim(TOPICS),
+    }, """
+        intents: Could you set up a meeting for me? | I need a meeting on the calendar, please.
+            | Please schedule a meeting. | Can you arrange a meeting for me?
+            | I'd like to arrange a meeting. | Would you mind organizing a meeting?
+            | Quick favor: please put a meeting in the diary.
+            | We should meet soon, so please set something up.
+            | Please add a meeting to my calendar. | I'm hoping to get a meeting booked.
+        with: It should be with {with}. | Please invite {with}. | The other attendee is {with}.
+            | I'll be meeting {with}. | {with} needs to be there.
+        when: It should happen {when}. | Let's aim to meet {when}. | Please make it {when}.
+            | Could we do it {when}? | Everyone is free {when}.
+        where: We can use {where}. | Please reserve {where} for it. | It can be held in {where}.
+            | The location should be {where}.
+        topic: We'll go over the {topic}. | The topic is the {topic}. | It's about the {topic}.
+            | We need to discuss the {topic}.
+        with when: Please set it up with {with} {when}.
+            | {with} is free {when}, so let's grab that slot.
+        with where: {with} and I can meet in {where}.
+        when where: Grab {where} {when}, if it's free. | Let's meet in {where} {when}.
+        with topic: I want to talk to {with} about the {topic}.
+            | {with} wants to go through the {topic} with me.
+        with when where: Can you get {with} and me into {where} {when}?
+            | Please have {with} join me in {where} {when}.
+        with when where topic:
+            | Please set up a meeting with {with} {when} in {where} to discuss the {topic}.
+            | I need {where} {when} so {with} and I can go through the {topic}.
+        when topic: We should cover the {topic} {when}.
+    """),
+    record_type("reminder", "task when repeat", {
+        "task": verbatim(ERRANDS), "when": meeting_when, "repeat": sample_repeat,
+    }, """
+        intents: Please set a reminder for me. | Can you remind me about something?
+            | I keep forgetting this, so please add a reminder. | Set up a reminder, please.
+            | Could you make sure I get a reminder?
+            | Note to self, please turn this into a reminder. | I need a nudge for this one.
+        task: I need to {task}. | The thing to remember is to {task}.
+            | It's about needing to {task}.
+        when: Ping me {when}. | The reminder should go off {when}. | Please alert me {when}.
+        repeat: This should repeat {repeat}. | Make it recur {repeat}. | I have to do it {repeat}.
+        task when: Remind me to {task} {when}. | I have to {task}, so please ping me {when}.
+        task repeat: I need to {task} {repeat}.
+        task when repeat: Remind me {repeat} to {task}, starting {when}.
+    """),
+    record_type("travel", "who from to date flight", {
+        "who": sample_person, "from": verbatim(CITIES), "date": sample_date, "flight": same(flight),
+        # to: sample_facts (any city but the departure one)
+    }, """
+        intents: Please log this trip. | Can you arrange travel for a colleague?
+            | I need a trip added to the travel tracker.
+            | Here are the details for an upcoming trip.
+            | Could you sort out the travel arrangements? | Please note the following trip.
+        who: The traveler is {who}. | This is for {who}. | {who} will be the one flying.
+        from: Departure is from {from}.
+        to: The destination is {to}.
+        from to: The route is {from} to {to}. | It's a trip from {from} to {to}.
+            | Departure is from {from}, arriving in {to}.
+        date: The travel date is {date}. | It's scheduled for {date}. | The departure day is {date}.
+        flight: The flight number is {flight}. | Please use flight {flight}.
+            | They're booked on {flight}.
+        who from to: {who} is flying from {from} to {to}.
+        who date: {who} leaves on {date}.
+        from to date: The flight from {from} to {to} departs on {date}.
+        who from to date: {who} needs to get from {from} to {to} on {date}.
+        date flight: Flight {flight} leaves on {date}.
+    """),
+    record_type("order", "item qty vendor budget", {
+        "item": verbatim(ITEMS), "qty": same(lambda rng: str(rng.randint(2, 60))),
+        "vendor": verbatim(VENDORS), "budget": same(lambda rng: money(rng, 200, 20000, 50)),
+    }, """
+        intents: Could you place an order for the office? | Please put in a purchase request.
+            | We need to order some supplies. | Can you raise a purchase order?
+            | I'd like to request a purchase. | Please order the following for the team.
+        item qty: We need {qty} {item}. | Please get {qty} {item}.
+            | The request is for {qty} {item}.
+        item: The items are {item}. | What we need is {item}.
+        qty: The quantity is {qty}. | We need {qty} of them.
+        vendor: Please order from {vendor}. | Our usual supplier is {vendor}.
+            | {vendor} is the vendor to use.
+        budget: The budget is {budget}. | Please keep it under {budget}.
+            | We have {budget} set aside.
+        item qty vendor: Can you buy {qty} {item} from {vendor}?
+            | Please order {qty} {item} through {vendor}.
+        vendor budget: {vendor} should be able to do it within {budget}.
+    """),
+    record_type("incident", "service severity ticket owner", {
+        "service": verbatim(SERVICES), "severity": sample_severity,
+        "ticket": same(lambda rng: f"INC-{rng.randint(1000, 9999)}"), "owner": sample_person,
+    }, """
+        intents: Please log an incident. | Heads up, we have an incident to track.
+            | Writing this up from the ops call. | Can you record this outage?
+            | Notes from the incident channel follow. | We need an incident entry for this.
+        service: The affected system is the {service}. | The {service} is down.
+            | Problems are coming from the {service}.
+        severity: It's been classed as {severity}. | Severity is {severity}.
+            | We're treating it as {severity}.
+        ticket: The ticket is {ticket}. | It's tracked as {ticket}. | Please reference {ticket}.
+        owner: {owner} is the owner. | {owner} is handling it. | Assign it to {owner}.
+        service severity: The {service} issue is {severity}.
+        ticket owner: {owner} owns {ticket}. | {ticket} is assigned to {owner}.
+        service ticket: The {service} outage is tracked in {ticket}.
+        service severity owner: {owner} is working on the {severity} problem with the {service}.
+    """),
+    record_type("expense", "who amount category date", {
+        "who": sample_person,
+        "amount": same(lambda rng: f"${rng.randint(5, 950)}.{rng.randrange(100):02d}"),
+        "category": verbatim(EXPENSE_CATEGORIES), "date": sample_date,
+    }, """
+        intents: Please file an expense. | I need to submit an expense claim.
+            | Could you log this expense? | Adding an expense for reimbursement.
+            | Can you process a reimbursement?
+        who: The claim is for {who}. | {who} paid for it. | It should be reimbursed to {who}.
+        amount: The total was {amount}. | It came to {amount}. | The amount is {amount}.
+        category: The category is {category}. | It was for {category}. | File it under {category}.
+        date: It was paid on {date}. | The receipt is dated {date}. | This was on {date}.
+        who amount: {who} spent {amount}.
+        amount category: It was {amount} for {category}.
+        who amount category date: {who} paid {amount} for {category} on {date}.
+        category date: The {category} was on {date}.
+    """),
+    record_type("delivery", "order carrier eta to", {
+        "order": same(lambda rng: f"ORD-{rng.randint(10000, 99999)}"),
+        "carrier": verbatim(CARRIERS), "eta": sample_date, "to": verbatim(CITIES),
+    }, """
+        intents: Can you track a delivery for me? | Please note this shipment.
+            | Logging a delivery update. | Here's an update on a package.
+            | Could you keep an eye on this order?
+        order: The order number is {order}. | It's order {order}. | Reference: {order}.
+        carrier: It's shipping with {carrier}. | The carrier is {carrier}.
+            | {carrier} is handling it.
+        eta: It should arrive on {eta}. | The expected delivery date is {eta}.
+            | Estimated arrival is {eta}.
+        to: It's going to {to}. | The destination is {to}. | It ships to our {to} office.
+        order carrier: {carrier} is delivering {order}. | Order {order} went out with {carrier}.
+        order eta: {order} should land on {eta}.
+        order carrier eta: {carrier} says {order} will arrive on {eta}.
+        carrier to: {carrier} is taking it to {to}.
+    """),
+    # One person per record: with a second one (who covers), who/cover swaps were the
+    # commonest held-out miss.
+    record_type("leave", "who from to reason", {
+        "who": sample_person, "reason": verbatim(LEAVE_REASONS),  # from/to: sample_facts
+    }, """
+        intents: Please record some time off. | I'd like to take some annual leave.
+            | Can you log a vacation request? | Putting in a leave request.
+            | Please add this absence to the team calendar.
+        who: The request is for {who}. | {who} will be away. | This is the leave for {who}.
+        from to: The leave runs from {from} to {to}. | They're out from {from} until {to}.
+            | It covers {from} through {to}.
+        from: It starts on {from}.
+        to: The last day off is {to}.
+        reason: The reason is {reason}. | It's for {reason}. | They'll be away for {reason}.
+        who from to: {who} is off from {from} to {to}.
+        who reason: {who} needs time off for {reason}.
+    """),
+    record_type("task", "owner task due priority", {
+        "owner": sample_person, "task": verbatim(WORK_TASKS), "due": sample_date,
+        "priority": sample_priority,
+    }, """
+        intents: Please create a task. | Can you add this to the tracker?
+            | New action item from today's sync. | Logging an action item.
+            | Please assign the following work. | Here's a to-do for the board.
+        owner: {owner} will own it. | It's assigned to {owner}. | The owner is {owner}.
+        task: The work is to {task}. | Someone needs to {task}. | The job is to {task}.
+        due: It's due on {due}. | The deadline is {due}. | Please finish it by {due}.
+        priority: {priority}
+        owner task: {owner} needs to {task}. | Can {owner} please {task}?
+        owner task due: {owner} has to {task} by {due}. | By {due}, {owner} should {task}.
+    """),
+    record_type("booking", "place party when name", {
+        "place": verbatim(RESTAURANTS), "party": same(lambda rng: str(rng.randint(2, 14))),
+        "when": dinner_when, "name": sample_person,
+    }, """
+        intents: Could you book a table? | Please make a restaurant reservation.
+            | I'd love a dinner booking. | Can you reserve a table for us?
+            | Please sort out a table for a team meal.
+        place: The restaurant is {place}. | Let's go to {place}. | Please try {place}.
+        party: There will be {party} of us. | It's a party of {party}. | We need seats for {party}.
+        when: We'd like to eat {when}. | Please reserve it {when}.
+        name: Put it under {name}. | The booking name is {name}. | Use the name {name}.
+        place party: A table for {party} at {place}, please. | Book {place} for {party} people.
+        party when: We're {party} people {when}.
+        place when name: Reserve {place} {when} under {name}.
+        place party when name: Please book {place} for {party} {when} under the name {name}.
+    """),
 )
 
 # Record types that only occur in the PII rows (their facts are the personal data).
-PII_TYPES: dict[str, RecordType] = {
-    t.name: t
-    for t in (
-        RecordType(
-            "contact",
-            ("name", "company", "email", "phone"),
-            {},
-            (
-                "Please add a new contact.",
-                "Can you save these contact details?",
-                "Adding someone to the address book.",
-                "Please update the CRM with a new contact.",
-            ),
-            clauses(
-                ("name", ["The contact is {name}.", "Their name is {name}."]),
-                ("company", ["They work at {company}.", "{company} is their employer."]),
-                ("email", ["Their email is {email}.", "You can reach them at {email}."]),
-                ("phone", ["Their phone number is {phone}.", "Call them on {phone}."]),
-                ("name company", ["{name} works at {company}."]),
-                ("name email", ["{name} can be emailed at {email}."]),
-            ),
-        ),
-        RecordType(
-            "access",
-            ("owner", "service", "key"),
-            {},
-            (
-                "Please store this credential.",
-                "Here's a new key for the vault.",
-                "Can you record this access token?",
-                "Saving an API credential for the team.",
-            ),
-            clauses(
-                ("owner", ["It belongs to {owner}.", "{owner} requested it."]),
-                ("service", ["It's for {service}.", "The service is {service}."]),
-                ("key", ["The key is {key}.", "Token: {key}."]),
-                ("service key", ["The {service} key is {key}."]),
-            ),
-        ),
-        RecordType(
-            "server",
-            ("host", "ip", "owner"),
-            {},
-            (
-                "Please update the server inventory.",
-                "Recording a new server address.",
-                "A machine moved, please note it.",
-                "Can you log this host?",
-            ),
-            clauses(
-                ("host", ["The host is {host}."]),
-                ("ip", ["Its address is {ip}.", "It now lives at {ip}."]),
-                ("owner", ["{owner} maintains it."]),
-                ("host ip", ["{host} is reachable at {ip}."]),
-            ),
-        ),
-    )
-}
+PII_TYPES: dict[str, RecordType] = {t.name: t for t in (
+    record_type("contact", "name company email phone", {}, """
+        intents: Please add a new contact. | Can you save these contact details?
+            | Adding someone to the address book. | Please update the CRM with a new contact.
+        name: The contact is {name}. | Their name is {name}.
+        company: They work at {company}. | {company} is their employer.
+        email: Their email is {email}. | You can reach them at {email}.
+        phone: Their phone number is {phone}. | Call them on {phone}.
+        name company: {name} works at {company}.
+        name email: {name} can be emailed at {email}.
+    """),
+    record_type("access", "owner service key", {}, """
+        intents: Please store this credential. | Here's a new key for the vault.
+            | Can you record this access token? | Saving an API credential for the team.
+        owner: It belongs to {owner}. | {owner} requested it.
+        service: It's for {service}. | The service is {service}.
+        key: The key is {key}. | Token: {key}.
+        service key: The {service} key is {key}.
+    """),
+    record_type("server", "host ip owner", {}, """
+        intents: Please update the server inventory. | Recording a new server address.
+            | A machine moved, please note it. | Can you log this host?
+        host: The host is {host}.
+        ip: Its address is {ip}. | It now lives at {ip}.
+        owner: {owner} maintains it.
+        host ip: {host} is reachable at {ip}.
+    """),
+)}
+# fmt: on
 
 
 def render_output(type_name: str, facts: dict[str, str], keys: Sequence[str]) -> str:
@@ -1177,7 +800,6 @@ WORDS_NAMES = ["words", "parts", "tokens", "names", "tags", "labels", "fields", 
 MAP_NAMES = ["mapping", "lookup", "table", "settings", "config", "registry", "index", "aliases"]
 GENERIC_LOOP_VARS = ["item", "value", "entry", "element", "x", "num", "current"]
 ACCUMULATORS = ["total", "running_total", "accumulated", "result", "subtotal", "grand_total"]
-RESULT_NAMES = ["result", "output", "answer", "computed", "final_value", "outcome"]
 EXCEPTIONS = ["ValueError", "ValueError", "ValueError", "RuntimeError"]
 # fmt: on
 
@@ -1227,738 +849,598 @@ def loop_var(rng: random.Random, plural: str, avoid: Sequence[str]) -> str:
     return pick(rng, [v for v in options if v not in avoid])
 
 
-def fname(rng: random.Random, templates: Sequence[str], **names: str) -> str:
-    return pick(rng, templates).format(**names)
+# A slot is one name or value drawn per function, in table order (the rng draws in exactly that
+# order): one of its options (a str of whitespace-separated words, or a list; a tuple option
+# fills several slots, e.g. "lo_d hi_d"), or what a function of the rng and the slots drawn so
+# far returns. A drawn option is itself a template over the earlier slots ("not {p}").
+SlotDraw = Callable[[random.Random, dict[str, str]], str | tuple[str, ...]]
+Slot = str | Sequence[str] | Sequence[tuple[str, ...]] | SlotDraw
 
 
-def empty_guard(rng: random.Random, spec: CodeSpec, seq: str) -> None:
-    exc = pick(rng, EXCEPTIONS)
-    cond = pick(rng, [f"len({seq}) == 0", f"not {seq}"])
-    msg = pick(
-        rng,
-        [
-            f"{seq} must not be empty",
+def draw_slots(rng: random.Random, table: dict[str, Slot], slots: dict[str, str]) -> dict[str, str]:
+    for names, slot in table.items():
+        value: str | tuple[str, ...]
+        if callable(slot):
+            value = slot(rng, slots)
+        else:
+            chosen = pick(rng, slot.split() if isinstance(slot, str) else slot)
+            value = chosen.format(**slots) if isinstance(chosen, str) else tuple(chosen)
+        slots.update(zip(names.split(), [value] if isinstance(value, str) else value, strict=True))
+    return slots
+
+
+def list_name(names: str | Sequence[str]) -> SlotDraw:
+    """A list parameter's name, its singular and its type hint: slots `p s hint`."""
+    choices = names.split() if isinstance(names, str) else names
+
+    def draw(rng: random.Random, slots: dict[str, str]) -> tuple[str, ...]:
+        p = pick(rng, choices)
+        return p, singular(p), list_hint(p)
+
+    return draw
+
+
+def loop_var_over(*avoid: str) -> SlotDraw:
+    """The variable of a loop over the list `p`."""
+    return lambda rng, slots: loop_var(rng, slots["p"], [slots["p"], *avoid])
+
+
+def coin(heads: tuple[str, ...], tails: tuple[str, ...]) -> SlotDraw:
+    return lambda rng, slots: heads if rng.random() < 0.5 else tails
+
+
+@dataclass(frozen=True)
+class Guard:
+    """A guard clause that half the functions of an op get: its slots, lines and `raises`."""
+
+    slots: dict[str, Slot]
+    lines: str
+    raises: str
+
+
+@dataclass(frozen=True)
+class CodeOp:
+    """One family of functions: slots, drawn in order, and a spec of templates over them.
+
+    The spec is the docstring summary, one `name: hint [= default] -- doc` line per parameter,
+    `-> hint -- doc` for the result and `canonical: expression` (the output's `returns`), then
+    each alternative verbose body after a `---` line (comment lines start with '#'). Templates
+    are str.format strings (literal braces doubled); the slot `name` is the function's name.
+    """
+
+    task: str
+    slots: dict[str, Slot]
+    spec: str
+    guard: Guard | None = None
+
+
+def code_spec(rng: random.Random, op: CodeOp, given: dict[str, str] | None = None) -> CodeSpec:
+    """Draw op's slots (after the given ones) and fill in its spec; half get the guard."""
+    slots = draw_slots(rng, op.slots, dict(given or {}))
+
+    def fill(template: str) -> str:
+        return template.format(**slots)
+
+    head, *bodies = textwrap.dedent(op.spec).strip().split("\n---\n")
+    summary, *args, result, canonical = head.split("\n")
+    params = []
+    for arg in args:
+        name_hint, doc = arg.split(" -- ")
+        name, hint = name_hint.split(": ", 1)
+        hint, _, default = hint.partition(" = ")
+        params.append(Param(fill(name), fill(hint), fill(default) if default else None, fill(doc)))
+    return_hint, returns_doc = result.removeprefix("-> ").split(" -- ")
+    spec = CodeSpec(
+        slots["name"],
+        params,
+        fill(return_hint),
+        fill(canonical.removeprefix("canonical: ")),
+        fill(summary),
+        fill(returns_doc),
+        [fill(body).split("\n") for body in bodies],
+    )
+    if op.guard and rng.random() < 0.5:
+        draw_slots(rng, op.guard.slots, slots)
+        spec.guard = fill(textwrap.dedent(op.guard.lines).strip()).split("\n")
+        spec.raises = fill(op.guard.raises)
+    return spec
+
+
+EMPTY_GUARD = Guard(
+    {
+        "exc": EXCEPTIONS,
+        "cond": ["len({p}) == 0", "not {p}"],
+        "msg": [
+            "{p} must not be empty",
             "expected at least one value",
-            f"cannot work with an empty {seq} list",
+            "cannot work with an empty {p} list",
         ],
-    )
-    spec.guard = [
-        f"# guard against an empty {seq} list",
-        f"if {cond}:",
-        f'    raise {exc}("{msg}")',
-    ]
-    spec.raises = f"{exc} if not {seq}"
-
-
-def op_total(rng: random.Random) -> CodeSpec:
-    p = pick(rng, LIST_NAMES)
-    v = loop_var(rng, p, [p])
-    acc = pick(rng, ACCUMULATORS)
-    return CodeSpec(
-        fname(
-            rng,
-            [
-                "total_{p}",
-                "sum_{p}",
-                "compute_total_{p}",
-                "calculate_{s}_total",
-                "get_total_{p}",
-                "add_up_{p}",
-            ],
-            p=p,
-            s=singular(p),
-        ),
-        [Param(p, "list[float]", doc="the numbers to add up")],
-        "float",
-        f"sum({p})",
-        f"Add up every entry in {p} and return the sum",
-        "the sum of all entries",
-        [
-            [
-                f"# start the {acc} at zero",
-                f"{acc} = 0",
-                f"for {v} in {p}:",
-                f"    # add the current {v} to the {acc}",
-                f"    {acc} = {acc} + {v}",
-                f"return {acc}",
-            ],
-            ["# use the built-in sum to add everything up", f"{acc} = sum({p})", f"return {acc}"],
-        ],
-    )
-
-
-def op_discounted(rng: random.Random) -> CodeSpec:
-    p = pick(rng, ["prices", "costs", "amounts", "charges", "fees"])
-    v = loop_var(rng, p, [p])
-    r = pick(rng, ["rate", "discount", "discount_rate", "reduction"])
-    d = pick(rng, ["0.05", "0.1", "0.15", "0.2", "0.25", "0.3"])
-    acc = pick(rng, ACCUMULATORS)
-    return CodeSpec(
-        fname(
-            rng,
-            [
-                "discounted_{p}_total",
-                "apply_discount",
-                "total_after_discount",
-                "net_{s}_total",
-                "compute_discounted_total",
-            ],
-            p=p,
-            s=singular(p),
-        ),
-        [
-            Param(p, "list[float]", doc="the individual amounts"),
-            Param(r, "float", d, doc="the fraction to take off"),
-        ],
-        "float",
-        f"sum({p}) * (1 - {r})",
-        f"Return the total of {p} after taking the discount off",
-        "the discounted total",
-        [
-            [
-                f"{acc} = 0",
-                f"for {v} in {p}:",
-                f"    {acc} += {v}",
-                f"# take the {r} off the whole {acc}",
-                f"return {acc} * (1 - {r})",
-            ],
-            [
-                "# first add everything up",
-                f"{acc} = sum({p})",
-                f"# then apply the {r}",
-                f"{acc} = {acc} * (1 - {r})",
-                f"return {acc}",
-            ],
-        ],
-    )
-
-
-def op_average(rng: random.Random) -> CodeSpec:
-    p = pick(rng, LIST_NAMES)
-    v = loop_var(rng, p, [p])
-    acc = pick(rng, ACCUMULATORS)
-    cnt = pick(rng, ["count", "how_many", "n_items", "counter"])
-    spec = CodeSpec(
-        fname(
-            rng,
-            [
-                "average_{s}",
-                "mean_{s}",
-                "compute_average_{p}",
-                "get_mean_{p}",
-                "calculate_{s}_average",
-            ],
-            p=p,
-            s=singular(p),
-        ),
-        [Param(p, "list[float]", doc="the numbers to average")],
-        "float",
-        f"sum({p}) / len({p})",
-        f"Compute the arithmetic mean of {p}",
-        "the average value",
-        [
-            [
-                f"{acc} = 0",
-                f"{cnt} = 0",
-                f"for {v} in {p}:",
-                f"    {acc} += {v}",
-                f"    {cnt} += 1",
-                f"# divide the {acc} by the number of entries",
-                f"return {acc} / {cnt}",
-            ],
-            [
-                f"{acc} = sum({p})",
-                f"{cnt} = len({p})",
-                "# the mean is the sum over the count",
-                f"return {acc} / {cnt}",
-            ],
-        ],
-    )
-    if rng.random() < 0.5:
-        empty_guard(rng, spec, p)
-    return spec
-
-
-def op_extreme(rng: random.Random) -> CodeSpec:
-    p = pick(rng, LIST_NAMES)
-    v = loop_var(rng, p, [p])
-    best = pick(rng, ["best", "current_best", "winner", "extreme", "champion"])
-    big = rng.random() < 0.5
-    fn, cmp, word = ("max", ">", "largest") if big else ("min", "<", "smallest")
-    spec = CodeSpec(
-        fname(
-            rng,
-            [f"{word}_{{s}}", f"find_{word}_{{s}}", f"get_{fn}_{{s}}", f"{fn}_of_{{p}}"],
-            p=p,
-            s=singular(p),
-        ),
-        [Param(p, "list[float]", doc="the numbers to search")],
-        "float",
-        f"{fn}({p})",
-        f"Find the {word} value in {p}",
-        f"the {word} entry",
-        [
-            [
-                f"{best} = {p}[0]",
-                f"# walk the rest and keep the {word} so far",
-                f"for {v} in {p}[1:]:",
-                f"    if {v} {cmp} {best}:",
-                f"        {best} = {v}",
-                f"return {best}",
-            ],
-            ["# let the built-in do the work", f"{best} = {fn}({p})", f"return {best}"],
-        ],
-    )
-    if rng.random() < 0.5:
-        empty_guard(rng, spec, p)
-    return spec
-
-
-def op_filter_above(rng: random.Random) -> CodeSpec:
-    p = pick(rng, LIST_NAMES)
-    v = loop_var(rng, p, [p])
-    lim = pick(rng, ["limit", "threshold", "minimum", "cutoff"])
-    d = str(rng.choice([0, 1, 5, 10, 50, 100, 500]))
-    out = pick(rng, ["kept", "selected", "above", "filtered", "matches"])
-    return CodeSpec(
-        fname(
-            rng,
-            ["{p}_above_{l}", "filter_{p}", "keep_large_{p}", "select_{p}_over_{l}"],
-            p=p,
-            l=lim,
-        ),
-        [
-            Param(p, "list[float]", doc="the numbers to filter"),
-            Param(lim, "float", d, doc="values must be strictly greater than this"),
-        ],
-        "list[float]",
-        f"[{v} for {v} in {p} if {v} > {lim}]",
-        f"Return only the entries of {p} that are above {lim}",
-        "a new list with the kept values",
-        [
-            [
-                f"{out} = []",
-                f"for {v} in {p}:",
-                f"    # keep it only if it is above the {lim}",
-                f"    if {v} > {lim}:",
-                f"        {out}.append({v})",
-                f"return {out}",
-            ],
-            [
-                f"# a list comprehension keeps the entries above the {lim}",
-                f"{out} = [{v} for {v} in {p} if {v} > {lim}]",
-                f"return {out}",
-            ],
-        ],
-    )
-
-
-def op_scale(rng: random.Random) -> CodeSpec:
-    p = pick(rng, LIST_NAMES)
-    v = loop_var(rng, p, [p])
-    k = pick(rng, ["factor", "scale", "multiplier", "ratio"])
-    d = pick(rng, ["2", "3", "10", "100", "0.5", "1.5"])
-    out = pick(rng, ["scaled", "result", "converted", "adjusted"])
-    return CodeSpec(
-        fname(rng, ["scale_{p}", "multiply_{p}", "rescale_{p}", "apply_{k}_to_{p}"], p=p, k=k),
-        [
-            Param(p, "list[float]", doc="the numbers to scale"),
-            Param(k, "float", d, doc="what to multiply each entry by"),
-        ],
-        "list[float]",
-        f"[{v} * {k} for {v} in {p}]",
-        f"Multiply each entry of {p} by the {k}",
-        "a new list of scaled values",
-        [
-            [
-                f"{out} = []",
-                f"for {v} in {p}:",
-                "    # scale this entry",
-                f"    {out}.append({v} * {k})",
-                f"return {out}",
-            ],
-            [
-                f"{out} = [{v} * {k} for {v} in {p}]",
-                "# the input list is left untouched",
-                f"return {out}",
-            ],
-        ],
-    )
-
-
-def op_count(rng: random.Random) -> CodeSpec:
-    p = pick(rng, [*LIST_NAMES, *WORDS_NAMES])
-    v = loop_var(rng, p, [p, "target"])
-    t = pick(rng, ["target", "wanted", "needle", "expected"])
-    cnt = pick(rng, ["count", "matches", "hits", "occurrences"])
-    return CodeSpec(
-        fname(
-            rng, ["count_{t}", "count_matching_{p}", "occurrences_in_{p}", "how_many_{t}"], p=p, t=t
-        ),
-        [
-            Param(p, list_hint(p), doc="the entries to scan"),
-            Param(t, "str", doc="the value to look for"),
-        ],
-        "int",
-        f"{p}.count({t})",
-        f"Count how many entries of {p} equal {t}",
-        "the number of matches",
-        [
-            [
-                f"{cnt} = 0",
-                f"for {v} in {p}:",
-                f"    if {v} == {t}:",
-                "        # found one more",
-                f"        {cnt} += 1",
-                f"return {cnt}",
-            ],
-            ["# lists already know how to count", f"{cnt} = {p}.count({t})", f"return {cnt}"],
-        ],
-    )
-
-
-def op_join(rng: random.Random) -> CodeSpec:
-    p = pick(rng, WORDS_NAMES)
-    v = loop_var(rng, p, [p])
-    sep = pick(rng, ["sep", "separator", "delimiter", "glue"])
-    d = pick(rng, ['" "', '", "', '"-"', '"/"', '"; "'])
-    out = pick(rng, ["joined", "combined", "result", "text_out"])
-    return CodeSpec(
-        fname(rng, ["join_{p}", "combine_{p}", "{p}_to_string", "glue_{p}"], p=p),
-        [
-            Param(p, "list[str]", doc="the pieces to join"),
-            Param(sep, "str", d, doc="what goes between pieces"),
-        ],
-        "str",
-        f"{sep}.join({p})",
-        f"Join the {p} into one string with the {sep} between them",
-        "the joined string",
-        [
-            [
-                f'{out} = ""',
-                f"for position, {v} in enumerate({p}):",
-                f"    # only add the {sep} between pieces, not before the first",
-                "    if position > 0:",
-                f"        {out} += {sep}",
-                f"    {out} += {v}",
-                f"return {out}",
-            ],
-            [f"{out} = {sep}.join({p})", f"return {out}"],
-        ],
-    )
-
-
-def op_normalize(rng: random.Random) -> CodeSpec:
-    p = pick(rng, TEXT_NAMES)
-    a = pick(rng, ["stripped", "trimmed", "cleaned"])
-    b = pick(rng, ["lowered", "normalized", "lowercase_text"])
-    return CodeSpec(
-        fname(rng, ["normalize_{p}", "clean_{p}", "canonical_{p}", "tidy_{p}"], p=p),
-        [Param(p, "str", doc="the raw input")],
-        "str",
-        f"{p}.strip().lower()",
-        f"Trim the whitespace around {p} and lowercase it",
-        "the normalized text",
-        [
-            [
-                "# remove leading and trailing whitespace",
-                f"{a} = {p}.strip()",
-                "# compare case-insensitively later on",
-                f"{b} = {a}.lower()",
-                f"return {b}",
-            ],
-            [f"{b} = {p}.strip().lower()", f"return {b}"],
-        ],
-    )
-
-
-def op_lookup(rng: random.Random) -> CodeSpec:
-    m = pick(rng, MAP_NAMES)
-    k = pick(rng, ["key", "name", "field", "code"])
-    d = pick(rng, ["default", "fallback"])
-    dv = pick(rng, ["None", '""', "0", '"unknown"'])
-    dv_hint = {"None": "str | None", "0": "str | int"}.get(dv, "str")
-    return CodeSpec(
-        fname(rng, ["lookup_{k}", "get_from_{m}", "find_{k}", "read_{m}_entry"], m=m, k=k),
-        [
-            Param(m, "dict[str, str]", doc="where to look"),
-            Param(k, "str", doc="what to look up"),
-            Param(d, dv_hint, dv, doc="returned when the key is missing"),
-        ],
-        dv_hint,
-        f"{m}.get({k}, {d})",
-        f"Look up {k} in {m}, falling back to the {d}",
-        f"the stored value or the {d}",
-        [
-            [
-                f"if {k} in {m}:",
-                "    # the key exists, return what is stored",
-                f"    return {m}[{k}]",
-                "# the key is missing",
-                f"return {d}",
-            ],
-            [
-                "try:",
-                f"    return {m}[{k}]",
-                "except KeyError:",
-                "    # fall back when the key is missing",
-                f"    return {d}",
-            ],
-        ],
-    )
-
-
-def op_clamp(rng: random.Random) -> CodeSpec:
-    x = pick(rng, ["value", "level", "volume", "speed", "score"])
-    lo, hi = pick(rng, ["low", "lower", "minimum"]), pick(rng, ["high", "upper", "maximum"])
-    lo_d, hi_d = rng.choice([("0", "1"), ("0", "10"), ("0", "100"), ("-1", "1"), ("1", "5")])
-    return CodeSpec(
-        fname(rng, ["clamp_{x}", "limit_{x}", "bound_{x}", "keep_{x}_in_range"], x=x),
-        [
-            Param(x, "float", doc="the number to clamp"),
-            Param(lo, "float", lo_d, doc="lower bound"),
-            Param(hi, "float", hi_d, doc="upper bound"),
-        ],
-        "float",
-        f"max({lo}, min({hi}, {x}))",
-        f"Clamp {x} into the range from {lo} to {hi}",
-        f"{x}, limited to the range",
-        [
-            [
-                f"if {x} < {lo}:",
-                "    # too small, use the lower bound",
-                f"    return {lo}",
-                f"elif {x} > {hi}:",
-                "    # too big, use the upper bound",
-                f"    return {hi}",
-                f"return {x}",
-            ],
-            [
-                "# cap it at the upper bound first",
-                f"capped = min({hi}, {x})",
-                "# then lift it to the lower bound",
-                f"return max({lo}, capped)",
-            ],
-        ],
-    )
-
-
-def op_fahrenheit(rng: random.Random) -> CodeSpec:
-    c = pick(rng, ["celsius", "degrees_c", "temp_c", "temperature"])
-    return CodeSpec(
-        fname(rng, ["celsius_to_fahrenheit", "to_fahrenheit", "convert_{c}", "c_to_f"], c=c),
-        [Param(c, "float", doc="a temperature in degrees Celsius")],
-        "float",
-        f"{c} * 9 / 5 + 32",
-        "Convert a Celsius temperature to Fahrenheit",
-        "the temperature in Fahrenheit",
-        [
-            [
-                "# scale by nine fifths",
-                f"scaled = {c} * 9 / 5",
-                "# then shift by thirty-two",
-                "fahrenheit = scaled + 32",
-                "return fahrenheit",
-            ],
-            [f"fahrenheit = {c} * 9 / 5 + 32", "return fahrenheit"],
-        ],
-    )
-
-
-def op_is_even(rng: random.Random) -> CodeSpec:
-    n = pick(rng, ["n", "number", "count", "index", "value"])
-    return CodeSpec(
-        fname(rng, ["is_even", "{n}_is_even", "check_even", "even_{n}"], n=n),
-        [Param(n, "int", doc="the integer to test")],
-        "bool",
-        f"{n} % 2 == 0",
-        f"Tell whether {n} is an even number",
-        "True for even numbers, False otherwise",
-        [
-            [
-                f"remainder = {n} % 2",
-                "# even numbers leave no remainder",
-                "if remainder == 0:",
-                "    return True",
-                "else:",
-                "    return False",
-            ],
-            ["# an even number divides by two exactly", f"result = {n} % 2 == 0", "return result"],
-        ],
-    )
-
-
-def op_reverse(rng: random.Random) -> CodeSpec:
-    p = pick(rng, TEXT_NAMES)
-    ch = pick(rng, ["char", "character", "letter", "symbol"])
-    out = pick(rng, ["reversed_text", "backwards", "flipped", "result"])
-    return CodeSpec(
-        fname(rng, ["reverse_{p}", "flip_{p}", "{p}_backwards", "reversed_{p}"], p=p),
-        [Param(p, "str", doc="the string to reverse")],
-        "str",
-        f"{p}[::-1]",
-        f"Return {p} with its characters in reverse order",
-        "the reversed string",
-        [
-            [
-                f'{out} = ""',
-                f"for {ch} in {p}:",
-                "    # put each character in front",
-                f"    {out} = {ch} + {out}",
-                f"return {out}",
-            ],
-            [
-                "# reversed() gives the characters back to front",
-                f'{out} = "".join(reversed({p}))',
-                f"return {out}",
-            ],
-        ],
-    )
-
-
-def op_head(rng: random.Random) -> CodeSpec:
-    p = pick(rng, [*LIST_NAMES, *WORDS_NAMES])
-    v = loop_var(rng, p, [p])
-    n = pick(rng, ["n", "count", "limit", "size"])
-    d = pick(rng, ["3", "5", "10", "20"])
-    out = pick(rng, ["first_items", "head", "selection", "result"])
-    return CodeSpec(
-        fname(rng, ["first_{p}", "head_of_{p}", "take_{p}", "top_{p}"], p=p),
-        [Param(p, list_hint(p), doc="the full list"), Param(n, "int", d, doc="how many to keep")],
-        list_hint(p),
-        f"{p}[:{n}]",
-        f"Return the first {n} entries of {p}",
-        "the leading entries",
-        [
-            [
-                f"{out} = []",
-                f"for {v} in {p}:",
-                "    # stop once we have enough",
-                f"    if len({out}) == {n}:",
-                "        break",
-                f"    {out}.append({v})",
-                f"return {out}",
-            ],
-            [f"# slicing copes with lists shorter than {n}", f"{out} = {p}[:{n}]", f"return {out}"],
-        ],
-    )
-
-
-def op_unique_sorted(rng: random.Random) -> CodeSpec:
-    p = pick(rng, [*LIST_NAMES, *WORDS_NAMES])
-    v = loop_var(rng, p, [p])
-    seen = pick(rng, ["seen", "unique", "distinct"])
-    return CodeSpec(
-        fname(rng, ["unique_{p}", "distinct_{p}", "dedupe_{p}", "sorted_unique_{p}"], p=p),
-        [Param(p, list_hint(p), doc="entries that may repeat")],
-        list_hint(p),
-        f"sorted(set({p}))",
-        f"Return the distinct entries of {p} in sorted order",
-        "a sorted list without repeats",
-        [
-            [
-                f"{seen} = []",
-                f"for {v} in {p}:",
-                "    # skip entries we already have",
-                f"    if {v} not in {seen}:",
-                f"        {seen}.append({v})",
-                f"{seen}.sort()",
-                f"return {seen}",
-            ],
-            [
-                "# a set drops the repeats, sorted() orders them",
-                f"{seen} = set({p})",
-                f"return sorted({seen})",
-            ],
-        ],
-    )
-
-
-def op_word_count(rng: random.Random) -> CodeSpec:
-    p = pick(rng, TEXT_NAMES)
-    w = pick(rng, ["words", "pieces", "tokens"])
-    return CodeSpec(
-        fname(rng, ["count_words", "word_count", "{p}_word_count", "number_of_words"], p=p),
-        [Param(p, "str", doc="the text to measure")],
-        "int",
-        f"len({p}.split())",
-        f"Count the whitespace-separated words in {p}",
-        "how many words there are",
-        [
-            [
-                "# split on any run of whitespace",
-                f"{w} = {p}.split()",
-                f"count = len({w})",
-                "return count",
-            ],
-            ["count = 0", f"for _ in {p}.split():", "    count += 1", "return count"],
-        ],
-    )
-
-
-def op_percentage(rng: random.Random) -> CodeSpec:
-    part = pick(rng, ["part", "done", "passed", "used"])
-    whole = pick(rng, ["whole", "total", "capacity", "attempted"])
-    spec = CodeSpec(
-        fname(rng, ["percentage", "percent_{a}", "{a}_ratio", "share_of_{b}"], a=part, b=whole),
-        [
-            Param(part, "float", doc="the partial amount"),
-            Param(whole, "float", doc="the full amount"),
-        ],
-        "float",
-        f"{part} / {whole} * 100",
-        f"Express {part} as a percentage of {whole}",
-        "a number between 0 and 100",
-        [
-            [
-                f"fraction = {part} / {whole}",
-                "# turn the fraction into a percentage",
-                "return fraction * 100",
-            ],
-            [
-                "# percentage = part over whole, times a hundred",
-                f"result = {part} / {whole} * 100",
-                "return result",
-            ],
-        ],
-    )
-    if rng.random() < 0.5:
-        exc = pick(rng, EXCEPTIONS)
-        spec.guard = [
-            f"# a zero {whole} would divide by zero",
-            f"if {whole} == 0:",
-            f'    raise {exc}("{whole} must be non-zero")',
-        ]
-        spec.raises = f"{exc} if {whole} == 0"
-    return spec
-
-
-def op_invert(rng: random.Random) -> CodeSpec:
-    m = pick(rng, MAP_NAMES)
-    out = pick(rng, ["inverted", "reverse_map", "flipped", "result"])
-    return CodeSpec(
-        fname(rng, ["invert_{m}", "reverse_{m}", "flip_{m}", "swap_keys_and_values"], m=m),
-        [Param(m, "dict[str, str]", doc="the mapping to invert")],
-        "dict[str, str]",
-        f"{{v: k for k, v in {m}.items()}}",
-        f"Swap the keys and values of {m}",
-        "a new dict mapping values to keys",
-        [
-            [
-                f"{out} = {{}}",
-                f"for k, v in {m}.items():",
-                "    # the value becomes the key",
-                f"    {out}[v] = k",
-                f"return {out}",
-            ],
-            [f"{out} = {{v: k for k, v in {m}.items()}}", f"return {out}"],
-        ],
-    )
-
-
-def op_squares(rng: random.Random) -> CodeSpec:
-    p = pick(rng, LIST_NAMES)
-    v = loop_var(rng, p, [p])
-    out = pick(rng, ["squares", "squared", "result", "powers"])
-    return CodeSpec(
-        fname(rng, ["square_{p}", "squares_of_{p}", "{p}_squared", "power_two_{p}"], p=p),
-        [Param(p, "list[float]", doc="the numbers to square")],
-        "list[float]",
-        f"[{v} ** 2 for {v} in {p}]",
-        f"Square every entry of {p}",
-        "a new list of squares",
-        [
-            [
-                f"{out} = []",
-                f"for {v} in {p}:",
-                "    # multiply the entry by itself",
-                f"    {out}.append({v} * {v})",
-                f"return {out}",
-            ],
-            [f"{out} = [{v} ** 2 for {v} in {p}]", f"return {out}"],
-        ],
-    )
-
-
-def op_flatten(rng: random.Random) -> CodeSpec:
-    p = pick(rng, ["rows", "groups", "batches", "chunks", "nested"])
-    row = pick(rng, ["row", "group", "batch", "chunk", "inner"])
-    v = pick(rng, ["item", "value", "cell", "x"])
-    out = pick(rng, ["flat", "flattened", "result", "merged"])
-    return CodeSpec(
-        fname(rng, ["flatten_{p}", "merge_{p}", "concat_{p}", "flat_{p}"], p=p),
-        [Param(p, "list[list[str]]", doc="a list of lists")],
-        "list[str]",
-        f"[{v} for {row} in {p} for {v} in {row}]",
-        f"Flatten {p} into one list, keeping the order",
-        "a single flat list",
-        [
-            [
-                f"{out} = []",
-                f"for {row} in {p}:",
-                "    # copy every entry of this inner list",
-                f"    for {v} in {row}:",
-                f"        {out}.append({v})",
-                f"return {out}",
-            ],
-            [f"{out} = [{v} for {row} in {p} for {v} in {row}]", f"return {out}"],
-        ],
-    )
-
-
-def op_prefix(rng: random.Random) -> CodeSpec:
-    p = pick(rng, WORDS_NAMES)
-    v = loop_var(rng, p, [p, "prefix"])
-    pre = pick(rng, ["prefix", "start", "beginning"])
-    out = pick(rng, ["matches", "kept", "selected"])
-    return CodeSpec(
-        fname(rng, ["{p}_with_prefix", "filter_{p}_by_{x}", "starting_{p}"], p=p, x=pre),
-        [
-            Param(p, "list[str]", doc="the strings to filter"),
-            Param(pre, "str", doc="the required beginning"),
-        ],
-        "list[str]",
-        f"[{v} for {v} in {p} if {v}.startswith({pre})]",
-        f"Keep the {p} that begin with the {pre}",
-        "the matching strings",
-        [
-            [
-                f"{out} = []",
-                f"for {v} in {p}:",
-                f"    if {v}.startswith({pre}):",
-                f"        # this one begins with the {pre}",
-                f"        {out}.append({v})",
-                f"return {out}",
-            ],
-            [f"{out} = [{v} for {v} in {p} if {v}.startswith({pre})]", f"return {out}"],
-        ],
-    )
-
-
-CODE_OPS: tuple[Callable[[random.Random], CodeSpec], ...] = (
-    op_total,
-    op_discounted,
-    op_average,
-    op_extreme,
-    op_filter_above,
-    op_scale,
-    op_count,
-    op_join,
-    op_normalize,
-    op_lookup,
-    op_clamp,
-    op_fahrenheit,
-    op_is_even,
-    op_reverse,
-    op_head,
-    op_unique_sorted,
-    op_word_count,
-    op_percentage,
-    op_invert,
-    op_squares,
-    op_flatten,
-    op_prefix,
+    },
+    """
+    # guard against an empty {p} list
+    if {cond}:
+        raise {exc}("{msg}")
+    """,
+    "{exc} if not {p}",
 )
+ZERO_GUARD = Guard(
+    {"exc": EXCEPTIONS},
+    """
+    # a zero {whole} would divide by zero
+    if {whole} == 0:
+        raise {exc}("{whole} must be non-zero")
+    """,
+    "{exc} if {whole} == 0",
+)
+
+
+# The function families, in the order the rng indexes them.
+# fmt: off
+CODE_OPS: tuple[CodeOp, ...] = (
+    CodeOp("total", {
+        "p s hint": list_name(LIST_NAMES), "v": loop_var_over(), "acc": ACCUMULATORS,
+        "name": "total_{p} sum_{p} compute_total_{p} calculate_{s}_total get_total_{p} add_up_{p}",
+    }, """
+        Add up every entry in {p} and return the sum
+        {p}: list[float] -- the numbers to add up
+        -> float -- the sum of all entries
+        canonical: sum({p})
+        ---
+        # start the {acc} at zero
+        {acc} = 0
+        for {v} in {p}:
+            # add the current {v} to the {acc}
+            {acc} = {acc} + {v}
+        return {acc}
+        ---
+        # use the built-in sum to add everything up
+        {acc} = sum({p})
+        return {acc}
+    """),
+    CodeOp("discounted", {
+        "p s hint": list_name("prices costs amounts charges fees"), "v": loop_var_over(),
+        "r": "rate discount discount_rate reduction", "d": "0.05 0.1 0.15 0.2 0.25 0.3",
+        "acc": ACCUMULATORS,
+        "name": "discounted_{p}_total apply_discount total_after_discount net_{s}_total"
+                " compute_discounted_total",
+    }, """
+        Return the total of {p} after taking the discount off
+        {p}: list[float] -- the individual amounts
+        {r}: float = {d} -- the fraction to take off
+        -> float -- the discounted total
+        canonical: sum({p}) * (1 - {r})
+        ---
+        {acc} = 0
+        for {v} in {p}:
+            {acc} += {v}
+        # take the {r} off the whole {acc}
+        return {acc} * (1 - {r})
+        ---
+        # first add everything up
+        {acc} = sum({p})
+        # then apply the {r}
+        {acc} = {acc} * (1 - {r})
+        return {acc}
+    """),
+    CodeOp("average", {
+        "p s hint": list_name(LIST_NAMES), "v": loop_var_over(), "acc": ACCUMULATORS,
+        "cnt": "count how_many n_items counter",
+        "name": "average_{s} mean_{s} compute_average_{p} get_mean_{p} calculate_{s}_average",
+    }, """
+        Compute the arithmetic mean of {p}
+        {p}: list[float] -- the numbers to average
+        -> float -- the average value
+        canonical: sum({p}) / len({p})
+        ---
+        {acc} = 0
+        {cnt} = 0
+        for {v} in {p}:
+            {acc} += {v}
+            {cnt} += 1
+        # divide the {acc} by the number of entries
+        return {acc} / {cnt}
+        ---
+        {acc} = sum({p})
+        {cnt} = len({p})
+        # the mean is the sum over the count
+        return {acc} / {cnt}
+    """, guard=EMPTY_GUARD),
+    CodeOp("extreme", {
+        "p s hint": list_name(LIST_NAMES), "v": loop_var_over(),
+        "best": "best current_best winner extreme champion",
+        "fn cmp word": coin(("max", ">", "largest"), ("min", "<", "smallest")),
+        "name": "{word}_{s} find_{word}_{s} get_{fn}_{s} {fn}_of_{p}",
+    }, """
+        Find the {word} value in {p}
+        {p}: list[float] -- the numbers to search
+        -> float -- the {word} entry
+        canonical: {fn}({p})
+        ---
+        {best} = {p}[0]
+        # walk the rest and keep the {word} so far
+        for {v} in {p}[1:]:
+            if {v} {cmp} {best}:
+                {best} = {v}
+        return {best}
+        ---
+        # let the built-in do the work
+        {best} = {fn}({p})
+        return {best}
+    """, guard=EMPTY_GUARD),
+    CodeOp("filter_above", {
+        "p": LIST_NAMES, "v": loop_var_over(), "lim": "limit threshold minimum cutoff",
+        "d": "0 1 5 10 50 100 500", "out": "kept selected above filtered matches",
+        "name": "{p}_above_{lim} filter_{p} keep_large_{p} select_{p}_over_{lim}",
+    }, """
+        Return only the entries of {p} that are above {lim}
+        {p}: list[float] -- the numbers to filter
+        {lim}: float = {d} -- values must be strictly greater than this
+        -> list[float] -- a new list with the kept values
+        canonical: [{v} for {v} in {p} if {v} > {lim}]
+        ---
+        {out} = []
+        for {v} in {p}:
+            # keep it only if it is above the {lim}
+            if {v} > {lim}:
+                {out}.append({v})
+        return {out}
+        ---
+        # a list comprehension keeps the entries above the {lim}
+        {out} = [{v} for {v} in {p} if {v} > {lim}]
+        return {out}
+    """),
+    CodeOp("scale", {
+        "p": LIST_NAMES, "v": loop_var_over(), "k": "factor scale multiplier ratio",
+        "d": "2 3 10 100 0.5 1.5", "out": "scaled result converted adjusted",
+        "name": "scale_{p} multiply_{p} rescale_{p} apply_{k}_to_{p}",
+    }, """
+        Multiply each entry of {p} by the {k}
+        {p}: list[float] -- the numbers to scale
+        {k}: float = {d} -- what to multiply each entry by
+        -> list[float] -- a new list of scaled values
+        canonical: [{v} * {k} for {v} in {p}]
+        ---
+        {out} = []
+        for {v} in {p}:
+            # scale this entry
+            {out}.append({v} * {k})
+        return {out}
+        ---
+        {out} = [{v} * {k} for {v} in {p}]
+        # the input list is left untouched
+        return {out}
+    """),
+    CodeOp("count", {
+        "p s hint": list_name([*LIST_NAMES, *WORDS_NAMES]), "v": loop_var_over("target"),
+        "t": "target wanted needle expected", "cnt": "count matches hits occurrences",
+        "name": "count_{t} count_matching_{p} occurrences_in_{p} how_many_{t}",
+    }, """
+        Count how many entries of {p} equal {t}
+        {p}: {hint} -- the entries to scan
+        {t}: str -- the value to look for
+        -> int -- the number of matches
+        canonical: {p}.count({t})
+        ---
+        {cnt} = 0
+        for {v} in {p}:
+            if {v} == {t}:
+                # found one more
+                {cnt} += 1
+        return {cnt}
+        ---
+        # lists already know how to count
+        {cnt} = {p}.count({t})
+        return {cnt}
+    """),
+    CodeOp("join", {
+        "p": WORDS_NAMES, "v": loop_var_over(), "sep": "sep separator delimiter glue",
+        "d": ['" "', '", "', '"-"', '"/"', '"; "'], "out": "joined combined result text_out",
+        "name": "join_{p} combine_{p} {p}_to_string glue_{p}",
+    }, """
+        Join the {p} into one string with the {sep} between them
+        {p}: list[str] -- the pieces to join
+        {sep}: str = {d} -- what goes between pieces
+        -> str -- the joined string
+        canonical: {sep}.join({p})
+        ---
+        {out} = ""
+        for position, {v} in enumerate({p}):
+            # only add the {sep} between pieces, not before the first
+            if position > 0:
+                {out} += {sep}
+            {out} += {v}
+        return {out}
+        ---
+        {out} = {sep}.join({p})
+        return {out}
+    """),
+    CodeOp("normalize", {
+        "p": TEXT_NAMES, "a": "stripped trimmed cleaned", "b": "lowered normalized lowercase_text",
+        "name": "normalize_{p} clean_{p} canonical_{p} tidy_{p}",
+    }, """
+        Trim the whitespace around {p} and lowercase it
+        {p}: str -- the raw input
+        -> str -- the normalized text
+        canonical: {p}.strip().lower()
+        ---
+        # remove leading and trailing whitespace
+        {a} = {p}.strip()
+        # compare case-insensitively later on
+        {b} = {a}.lower()
+        return {b}
+        ---
+        {b} = {p}.strip().lower()
+        return {b}
+    """),
+    CodeOp("lookup", {
+        "m": MAP_NAMES, "k": "key name field code", "d": "default fallback",
+        "dv dv_hint": [
+            ("None", "str | None"), ('""', "str"), ("0", "str | int"), ('"unknown"', "str"),
+        ],
+        "name": "lookup_{k} get_from_{m} find_{k} read_{m}_entry",
+    }, """
+        Look up {k} in {m}, falling back to the {d}
+        {m}: dict[str, str] -- where to look
+        {k}: str -- what to look up
+        {d}: {dv_hint} = {dv} -- returned when the key is missing
+        -> {dv_hint} -- the stored value or the {d}
+        canonical: {m}.get({k}, {d})
+        ---
+        if {k} in {m}:
+            # the key exists, return what is stored
+            return {m}[{k}]
+        # the key is missing
+        return {d}
+        ---
+        try:
+            return {m}[{k}]
+        except KeyError:
+            # fall back when the key is missing
+            return {d}
+    """),
+    CodeOp("clamp", {
+        "x": "value level volume speed score", "lo": "low lower minimum",
+        "hi": "high upper maximum",
+        "lo_d hi_d": [("0", "1"), ("0", "10"), ("0", "100"), ("-1", "1"), ("1", "5")],
+        "name": "clamp_{x} limit_{x} bound_{x} keep_{x}_in_range",
+    }, """
+        Clamp {x} into the range from {lo} to {hi}
+        {x}: float -- the number to clamp
+        {lo}: float = {lo_d} -- lower bound
+        {hi}: float = {hi_d} -- upper bound
+        -> float -- {x}, limited to the range
+        canonical: max({lo}, min({hi}, {x}))
+        ---
+        if {x} < {lo}:
+            # too small, use the lower bound
+            return {lo}
+        elif {x} > {hi}:
+            # too big, use the upper bound
+            return {hi}
+        return {x}
+        ---
+        # cap it at the upper bound first
+        capped = min({hi}, {x})
+        # then lift it to the lower bound
+        return max({lo}, capped)
+    """),
+    CodeOp("fahrenheit", {
+        "c": "celsius degrees_c temp_c temperature",
+        "name": "celsius_to_fahrenheit to_fahrenheit convert_{c} c_to_f",
+    }, """
+        Convert a Celsius temperature to Fahrenheit
+        {c}: float -- a temperature in degrees Celsius
+        -> float -- the temperature in Fahrenheit
+        canonical: {c} * 9 / 5 + 32
+        ---
+        # scale by nine fifths
+        scaled = {c} * 9 / 5
+        # then shift by thirty-two
+        fahrenheit = scaled + 32
+        return fahrenheit
+        ---
+        fahrenheit = {c} * 9 / 5 + 32
+        return fahrenheit
+    """),
+    CodeOp("is_even", {
+        "n": "n number count index value", "name": "is_even {n}_is_even check_even even_{n}",
+    }, """
+        Tell whether {n} is an even number
+        {n}: int -- the integer to test
+        -> bool -- True for even numbers, False otherwise
+        canonical: {n} % 2 == 0
+        ---
+        remainder = {n} % 2
+        # even numbers leave no remainder
+        if remainder == 0:
+            return True
+        else:
+            return False
+        ---
+        # an even number divides by two exactly
+        result = {n} % 2 == 0
+        return result
+    """),
+    CodeOp("reverse", {
+        "p": TEXT_NAMES, "ch": "char character letter symbol",
+        "out": "reversed_text backwards flipped result",
+        "name": "reverse_{p} flip_{p} {p}_backwards reversed_{p}",
+    }, """
+        Return {p} with its characters in reverse order
+        {p}: str -- the string to reverse
+        -> str -- the reversed string
+        canonical: {p}[::-1]
+        ---
+        {out} = ""
+        for {ch} in {p}:
+            # put each character in front
+            {out} = {ch} + {out}
+        return {out}
+        ---
+        # reversed() gives the characters back to front
+        {out} = "".join(reversed({p}))
+        return {out}
+    """),
+    CodeOp("head", {
+        "p s hint": list_name([*LIST_NAMES, *WORDS_NAMES]), "v": loop_var_over(),
+        "n": "n count limit size", "d": "3 5 10 20", "out": "first_items head selection result",
+        "name": "first_{p} head_of_{p} take_{p} top_{p}",
+    }, """
+        Return the first {n} entries of {p}
+        {p}: {hint} -- the full list
+        {n}: int = {d} -- how many to keep
+        -> {hint} -- the leading entries
+        canonical: {p}[:{n}]
+        ---
+        {out} = []
+        for {v} in {p}:
+            # stop once we have enough
+            if len({out}) == {n}:
+                break
+            {out}.append({v})
+        return {out}
+        ---
+        # slicing copes with lists shorter than {n}
+        {out} = {p}[:{n}]
+        return {out}
+    """),
+    CodeOp("unique_sorted", {
+        "p s hint": list_name([*LIST_NAMES, *WORDS_NAMES]), "v": loop_var_over(),
+        "seen": "seen unique distinct",
+        "name": "unique_{p} distinct_{p} dedupe_{p} sorted_unique_{p}",
+    }, """
+        Return the distinct entries of {p} in sorted order
+        {p}: {hint} -- entries that may repeat
+        -> {hint} -- a sorted list without repeats
+        canonical: sorted(set({p}))
+        ---
+        {seen} = []
+        for {v} in {p}:
+            # skip entries we already have
+            if {v} not in {seen}:
+                {seen}.append({v})
+        {seen}.sort()
+        return {seen}
+        ---
+        # a set drops the repeats, sorted() orders them
+        {seen} = set({p})
+        return sorted({seen})
+    """),
+    CodeOp("word_count", {
+        "p": TEXT_NAMES, "w": "words pieces tokens",
+        "name": "count_words word_count {p}_word_count number_of_words",
+    }, """
+        Count the whitespace-separated words in {p}
+        {p}: str -- the text to measure
+        -> int -- how many words there are
+        canonical: len({p}.split())
+        ---
+        # split on any run of whitespace
+        {w} = {p}.split()
+        count = len({w})
+        return count
+        ---
+        count = 0
+        for _ in {p}.split():
+            count += 1
+        return count
+    """),
+    CodeOp("percentage", {
+        "part": "part done passed used", "whole": "whole total capacity attempted",
+        "name": "percentage percent_{part} {part}_ratio share_of_{whole}",
+    }, """
+        Express {part} as a percentage of {whole}
+        {part}: float -- the partial amount
+        {whole}: float -- the full amount
+        -> float -- a number between 0 and 100
+        canonical: {part} / {whole} * 100
+        ---
+        fraction = {part} / {whole}
+        # turn the fraction into a percentage
+        return fraction * 100
+        ---
+        # percentage = part over whole, times a hundred
+        result = {part} / {whole} * 100
+        return result
+    """, guard=ZERO_GUARD),
+    CodeOp("invert", {
+        "m": MAP_NAMES, "out": "inverted reverse_map flipped result",
+        "name": "invert_{m} reverse_{m} flip_{m} swap_keys_and_values",
+    }, """
+        Swap the keys and values of {m}
+        {m}: dict[str, str] -- the mapping to invert
+        -> dict[str, str] -- a new dict mapping values to keys
+        canonical: {{v: k for k, v in {m}.items()}}
+        ---
+        {out} = {{}}
+        for k, v in {m}.items():
+            # the value becomes the key
+            {out}[v] = k
+        return {out}
+        ---
+        {out} = {{v: k for k, v in {m}.items()}}
+        return {out}
+    """),
+    CodeOp("squares", {
+        "p": LIST_NAMES, "v": loop_var_over(), "out": "squares squared result powers",
+        "name": "square_{p} squares_of_{p} {p}_squared power_two_{p}",
+    }, """
+        Square every entry of {p}
+        {p}: list[float] -- the numbers to square
+        -> list[float] -- a new list of squares
+        canonical: [{v} ** 2 for {v} in {p}]
+        ---
+        {out} = []
+        for {v} in {p}:
+            # multiply the entry by itself
+            {out}.append({v} * {v})
+        return {out}
+        ---
+        {out} = [{v} ** 2 for {v} in {p}]
+        return {out}
+    """),
+    CodeOp("flatten", {
+        "p": "rows groups batches chunks nested", "row": "row group batch chunk inner",
+        "v": "item value cell x", "out": "flat flattened result merged",
+        "name": "flatten_{p} merge_{p} concat_{p} flat_{p}",
+    }, """
+        Flatten {p} into one list, keeping the order
+        {p}: list[list[str]] -- a list of lists
+        -> list[str] -- a single flat list
+        canonical: [{v} for {row} in {p} for {v} in {row}]
+        ---
+        {out} = []
+        for {row} in {p}:
+            # copy every entry of this inner list
+            for {v} in {row}:
+                {out}.append({v})
+        return {out}
+        ---
+        {out} = [{v} for {row} in {p} for {v} in {row}]
+        return {out}
+    """),
+    CodeOp("prefix", {
+        "p": WORDS_NAMES, "v": loop_var_over("prefix"), "pre": "prefix start beginning",
+        "out": "matches kept selected", "name": "{p}_with_prefix filter_{p}_by_{pre} starting_{p}",
+    }, """
+        Keep the {p} that begin with the {pre}
+        {p}: list[str] -- the strings to filter
+        {pre}: str -- the required beginning
+        -> list[str] -- the matching strings
+        canonical: [{v} for {v} in {p} if {v}.startswith({pre})]
+        ---
+        {out} = []
+        for {v} in {p}:
+            if {v}.startswith({pre}):
+                # this one begins with the {pre}
+                {out}.append({v})
+        return {out}
+        ---
+        {out} = [{v} for {v} in {p} if {v}.startswith({pre})]
+        return {out}
+    """),
+)
+# fmt: on
 
 DOC_EXTRA = [
     "This helper is used by the reporting code.",
@@ -2022,10 +1504,10 @@ def verbose_source(rng: random.Random, spec: CodeSpec) -> str | None:
 def code_pair(rng: random.Random) -> Pair:
     while True:
         op = CODE_OPS[rng.randrange(len(CODE_OPS))]
-        spec = op(rng)
+        spec = code_spec(rng, op)
         text = verbose_source(rng, spec)
         if text is not None:
-            return Pair(text, code_output(spec), op.__name__.removeprefix("op_"))
+            return Pair(text, code_output(spec), op.task)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2110,103 +1592,108 @@ def nl_pii_pair(rng: random.Random, scenario: str) -> Pair:
     return Pair(text, output, rtype.name)
 
 
+# The personal data is a parameter's default. code_pii_pair gives the slots `first last` (an
+# ASCII name for the e-mail address) and, for an API key, `prefix arg service`.
+# fmt: off
+CODE_PII_OPS: dict[str, CodeOp] = {op.task: op for op in (
+    CodeOp("email", {
+        "m": "message body text", "r": "recipient to_address",
+        "name": "notify_team send_alert build_notification",
+        "email": lambda rng, s: f'"{fake_email(rng, s["first"], s["last"])}"',
+    }, """
+        Build the notification payload for the on-call inbox
+        {m}: str -- what to send
+        {r}: str = {email} -- who receives it
+        -> dict[str, str] -- the payload dict
+        canonical: {{"to": {r}, "body": {m}}}
+        ---
+        payload = {{}}
+        payload["to"] = {r}
+        payload["body"] = {m}
+        return payload
+        ---
+        payload = {{"to": {r}, "body": {m}}}
+        return payload
+    """),
+    CodeOp("phone", {
+        "g": "region team site", "ph": "phone hotline",
+        "name": "support_line format_hotline contact_line",
+        "phone": lambda rng, s: f'"{fake_phone(rng)}"',
+    }, """
+        Format the support hotline for display
+        {g}: str -- where the caller is
+        {ph}: str = {phone} -- the number to call
+        -> str -- a display string
+        canonical: f"{{{g}}}: {{{ph}}}"
+        ---
+        label = f"{{{g}}}: {{{ph}}}"
+        return label
+        ---
+        return f"{{{g}}}: {{{ph}}}"
+    """),
+    CodeOp("api_key", {
+        "other": "model repo bucket project", "name": "auth_headers build_headers client_config",
+        "key": lambda rng, s: f'"{fake_key(rng, s["prefix"])}"',
+    }, """
+        Build the request headers for {service}
+        {other}: str -- what the request is about
+        {arg}: str = {key} -- the credential
+        -> dict[str, str] -- the header dict
+        canonical: {{"Authorization": "Bearer " + {arg}, "scope": {other}}}
+        ---
+        headers = {{}}
+        headers["Authorization"] = "Bearer " + {arg}
+        headers["scope"] = {other}
+        return headers
+        ---
+        headers = {{"Authorization": "Bearer " + {arg}, "scope": {other}}}
+        return headers
+    """),
+    CodeOp("ip", {
+        "db": "name database db_name", "name": "database_url db_url connection_string",
+        "ip": lambda rng, s: f'"{fake_ip(rng)}"',
+    }, """
+        Build the connection URL for the reporting database
+        {db}: str -- the database to open
+        host: str = {ip} -- the server address
+        port: int = 5432 -- the server port
+        -> str -- a postgresql URL
+        canonical: f"postgresql://{{host}}:{{port}}/{{{db}}}"
+        ---
+        url = f"postgresql://{{host}}:{{port}}/{{{db}}}"
+        return url
+        ---
+        return f"postgresql://{{host}}:{{port}}/{{{db}}}"
+    """),
+    CodeOp("contact_card", {
+        "name": "contact_card owner_details escalation_contact",
+        "email": lambda rng, s: f'"{fake_email(rng, s["first"], s["last"])}"',
+        "phone": lambda rng, s: f'"{fake_phone(rng)}"',
+    }, """
+        Return the escalation contact as a dict
+        name: str -- who to contact
+        email: str = {email} -- their address
+        phone: str = {phone} -- their number
+        -> dict[str, str] -- the contact dict
+        canonical: {{"name": name, "email": email, "phone": phone}}
+        ---
+        card = {{"name": name, "email": email, "phone": phone}}
+        return card
+    """),
+)}
+# fmt: on
+
+KEY_ARGS = {"sk-": "api_key", "ghp_": "token", "AKIA": "access_key_id"}
+
+
 def code_pii_pair(rng: random.Random, scenario: str) -> Pair:
     """A function whose default argument is personal data, kept verbatim in the summary."""
     first, last = ascii_person(rng)
-    if scenario == "email":
-        m, r = pick(rng, ["message", "body", "text"]), pick(rng, ["recipient", "to_address"])
-        spec = CodeSpec(
-            pick(rng, ["notify_team", "send_alert", "build_notification"]),
-            [
-                Param(m, "str", doc="what to send"),
-                Param(r, "str", f'"{fake_email(rng, first, last)}"', doc="who receives it"),
-            ],
-            "dict[str, str]",
-            f'{{"to": {r}, "body": {m}}}',
-            "Build the notification payload for the on-call inbox",
-            "the payload dict",
-            [
-                [
-                    "payload = {}",
-                    f'payload["to"] = {r}',
-                    f'payload["body"] = {m}',
-                    "return payload",
-                ],
-                [f'payload = {{"to": {r}, "body": {m}}}', "return payload"],
-            ],
-        )
-    elif scenario == "phone":
-        g, ph = pick(rng, ["region", "team", "site"]), pick(rng, ["phone", "hotline"])
-        spec = CodeSpec(
-            pick(rng, ["support_line", "format_hotline", "contact_line"]),
-            [
-                Param(g, "str", doc="where the caller is"),
-                Param(ph, "str", f'"{fake_phone(rng)}"', doc="the number to call"),
-            ],
-            "str",
-            f'f"{{{g}}}: {{{ph}}}"',
-            "Format the support hotline for display",
-            "a display string",
-            [[f'label = f"{{{g}}}: {{{ph}}}"', "return label"], [f'return f"{{{g}}}: {{{ph}}}"']],
-        )
-    elif scenario in API_KEY_PREFIXES:
-        arg = {"sk-": "api_key", "ghp_": "token", "AKIA": "access_key_id"}[scenario]
-        other = pick(rng, ["model", "repo", "bucket", "project"])
-        spec = CodeSpec(
-            pick(rng, ["auth_headers", "build_headers", "client_config"]),
-            [
-                Param(other, "str", doc="what the request is about"),
-                Param(arg, "str", f'"{fake_key(rng, scenario)}"', doc="the credential"),
-            ],
-            "dict[str, str]",
-            f'{{"Authorization": "Bearer " + {arg}, "scope": {other}}}',
-            f"Build the request headers for {KEY_SERVICES[scenario]}",
-            "the header dict",
-            [
-                [
-                    "headers = {}",
-                    f'headers["Authorization"] = "Bearer " + {arg}',
-                    f'headers["scope"] = {other}',
-                    "return headers",
-                ],
-                [
-                    f'headers = {{"Authorization": "Bearer " + {arg}, "scope": {other}}}',
-                    "return headers",
-                ],
-            ],
-        )
-    elif scenario == "ip":
-        db = pick(rng, ["name", "database", "db_name"])
-        spec = CodeSpec(
-            pick(rng, ["database_url", "db_url", "connection_string"]),
-            [
-                Param(db, "str", doc="the database to open"),
-                Param("host", "str", f'"{fake_ip(rng)}"', doc="the server address"),
-                Param("port", "int", "5432", doc="the server port"),
-            ],
-            "str",
-            f'f"postgresql://{{host}}:{{port}}/{{{db}}}"',
-            "Build the connection URL for the reporting database",
-            "a postgresql URL",
-            [
-                [f'url = f"postgresql://{{host}}:{{port}}/{{{db}}}"', "return url"],
-                [f'return f"postgresql://{{host}}:{{port}}/{{{db}}}"'],
-            ],
-        )
-    else:  # contact card: an e-mail address and a phone number
-        spec = CodeSpec(
-            pick(rng, ["contact_card", "owner_details", "escalation_contact"]),
-            [
-                Param("name", "str", doc="who to contact"),
-                Param("email", "str", f'"{fake_email(rng, first, last)}"', doc="their address"),
-                Param("phone", "str", f'"{fake_phone(rng)}"', doc="their number"),
-            ],
-            "dict[str, str]",
-            '{"name": name, "email": email, "phone": phone}',
-            "Return the escalation contact as a dict",
-            "the contact dict",
-            [['card = {"name": name, "email": email, "phone": phone}', "return card"]],
-        )
+    given = {"first": first, "last": last}
+    op = CODE_PII_OPS["api_key" if scenario in API_KEY_PREFIXES else scenario]
+    if scenario in API_KEY_PREFIXES:
+        given |= {"prefix": scenario, "arg": KEY_ARGS[scenario], "service": KEY_SERVICES[scenario]}
+    spec = code_spec(rng, op, given)
     text = verbose_source(rng, spec)
     if text is None:  # the defaults made it too long to summarize tersely: draw again
         return code_pii_pair(rng, scenario)
@@ -2313,14 +1800,14 @@ def ratio_code_pair(rng: random.Random) -> Pair:
     """A function that already is a one-liner: the summary is longer than the code."""
     while True:
         op = CODE_OPS[rng.randrange(len(CODE_OPS))]
-        spec = op(rng)
+        spec = code_spec(rng, op)
         if spec.raises:
             continue
         args = ", ".join(p.canonical() for p in spec.params)
         text = f"def {spec.name}({args}): return {spec.returns}"
         output = code_output(spec)
         if char_ratio(text, output) > 1.05:
-            return Pair(text, output, op.__name__.removeprefix("op_"))
+            return Pair(text, output, op.task)
 
 
 def near_variant(
