@@ -47,41 +47,29 @@ def packed_padding(lengths: list[int], row: int) -> tuple[float, int]:
     return 1 - sum(lengths) / (len(rows) * row), len(rows)
 
 
-class Quiet:
-    """The tracker train_loop is given: keeps the reports, prints nothing."""
-
-    def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
-
-    def report(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-
-    def say(self, line: str) -> None:
-        pass
-
-
 def train_on(batches: Any, params: Any, base: Path) -> tuple[float, int]:
     """Seconds and useful tokens of one pass over `batches` with the stage's loop."""
     from mlx_lm.utils import load
 
-    from lorapipe.stages.train import LoopState, attach_adapters, make_optimizer, train_loop
+    from lorapipe.tracking import Recorder
+    from lorapipe.trainer import TrainingRun, attach_adapters, train_loop
 
     model = load(str(base))[0]
     attach_adapters(model, params.lora)
     steps = len(batches)
-    optimizer = make_optimizer(params.train, steps)
     with tempfile.TemporaryDirectory() as tmp:
         tic = time.perf_counter()
-        state = train_loop(
-            model, optimizer, batches, batches, params, steps, LoopState(), Path(tmp), "", Quiet()
+        run = TrainingRun.fresh(
+            model, params.train, params.seed, batches, steps, Path(tmp), Recorder()
         )
+        state = train_loop(run)
         seconds = time.perf_counter() - tic
     return seconds, state.seen_tokens
 
 
 def subset(made: Any, chosen: Any, positions: bool = True) -> Any:
     """The chosen batches of `made`; without `positions`, logits at every position."""
-    from lorapipe.stages.train import Batches
+    from lorapipe.batches import Batches
 
     return Batches(
         [made.tokens[i] for i in chosen],
@@ -126,8 +114,8 @@ def main() -> None:
     import mlx.core as mx
     from mlx_lm.tokenizer_utils import load as load_tokenizer
 
+    from lorapipe.batches import load_split, make_batches
     from lorapipe.params import load_params
-    from lorapipe.stages.train import load_split, make_batches
 
     shipped = load_params(ROOT / "params.yaml")
     base = Path(shipped.paths.base)

@@ -10,8 +10,8 @@
 
 Both MLX trainers run themselves, with the same model, batches, LoRA layers and optimizer:
 
-  lorapipe  `lorapipe.stages.train.train_loop` itself (compiled step, NaN guard, per-step seed,
-            its reports), with a stand-in tracker that notes when each report arrives.
+  lorapipe  `lorapipe.trainer.train_loop` itself (compiled step, NaN guard, per-step seed,
+            its reports), with `lorapipe.tracking.Recorder` noting when each report arrives.
   mlx-lm    `mlx_lm.tuner.trainer.train` itself (its compiled step, its `default_loss`), with
             a TrainingCallback noting when each report arrives, fed the same token arrays
             (lengths (0, T): the same target mask as lorapipe's) by an `iterate_batches`.
@@ -67,12 +67,15 @@ import time
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lorapipe import runtime
 from lorapipe.io import atomic_write_json
+
+if TYPE_CHECKING:
+    from lorapipe.tracking import Recorder
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -183,7 +186,7 @@ def bench_params(args: argparse.Namespace, total_steps: int) -> Any:
 
 def make_data(args: argparse.Namespace, seed: int = 0) -> Any:
     """lorapipe Batches of full rows of random tokens (never zeros): seq inputs + 1 each."""
-    from lorapipe.stages.train import Example, make_batches
+    from lorapipe.batches import Example, make_batches
 
     rng = np.random.default_rng(seed)
     rows = rng.integers(1, COMMON["vocab_size"], (DISTINCT_BATCHES * args.batch, args.seq + 1))
@@ -237,22 +240,14 @@ def windows_from_marks(marks: list[float], warmup: int, steps: int, tokens: int)
 # --- the two MLX trainers, run whole ------------------------------------------------------------
 
 
-class ReportClock:
-    """The tracker train_loop is given: notes when each report arrives, prints nothing."""
-
-    def __init__(self) -> None:
-        self.marks: list[float] = []
-        self.records: list[dict[str, Any]] = []
-
-    def report(self, record: dict[str, Any]) -> None:
-        now = time.perf_counter()
-        # The val report at step 0 marks the start; train reports end the windows.
-        if "train_loss" in record or not self.marks:
-            self.marks.append(now)
-            self.records.append(dict(record))
-
-    def say(self, line: str) -> None:
-        self.records.append({"said": line})
+def report_marks(recorder: Recorder) -> list[float]:
+    """The window marks of a lorapipe.tracking.Recorder that train_loop reported to: the first
+    record (the val report at step 0) marks the start; train reports end the windows."""
+    return [
+        t
+        for i, (t, record) in enumerate(zip(recorder.times, recorder.records, strict=True))
+        if i == 0 or "train_loss" in record
+    ]
 
 
 def run_lorapipe(
@@ -267,7 +262,8 @@ def run_lorapipe(
     import mlx.core as mx
 
     from lorapipe.fast import checkpoint_blocks
-    from lorapipe.stages.train import LoopState, attach_adapters, make_optimizer, train_loop
+    from lorapipe.tracking import Recorder
+    from lorapipe.trainer import TrainingRun, attach_adapters, train_loop
 
     total = (args.warmup + args.windows) * args.report_every
     params = bench_params(args, total)
@@ -290,31 +286,23 @@ def run_lorapipe(
     model = mlx_model(shape, args.dtype, seed)
     attach_adapters(model, params.lora)
     checkpoint_blocks(model, params.train.grad_checkpoint)  # as the stage does
-    optimizer = make_optimizer(params.train, total)
-    clock = ReportClock()
+    recorder = Recorder()
     free_mlx()
     with tempfile.TemporaryDirectory() as tmp:
-        state = train_loop(
-            model,
-            optimizer,
-            batches,
-            batches,
-            params,
-            total,
-            LoopState(),
-            Path(tmp),
-            "bench",
-            clock,
+        run = TrainingRun.fresh(
+            model, params.train, params.seed, batches, total, Path(tmp), recorder
         )
-    result = windows_from_marks(clock.marks, args.warmup, args.report_every, args.batch * args.seq)
-    train_records = [r for r in clock.records if "train_loss" in r]
+        state = train_loop(run)
+    marks = report_marks(recorder)
+    result = windows_from_marks(marks, args.warmup, args.report_every, args.batch * args.seq)
+    train_records = recorder.train_records()
     result.update(
         peak_memory_gb=mx.get_peak_memory() / 1e9,
         losses=[r["train_loss"] for r in train_records],
         own_tokens_per_s=[r["tokens_per_second"] for r in train_records],
         steps=state.step,
     )
-    del model, optimizer
+    del model, run
     return result
 
 
@@ -326,7 +314,8 @@ def run_mlx_lm(
     from mlx_lm.tuner.trainer import TrainingArgs, default_loss, train
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    from lorapipe.stages.train import adapter_config, batch_order, make_optimizer
+    from lorapipe.batches import batch_order
+    from lorapipe.trainer import adapter_config, make_optimizer
 
     total = (args.warmup + args.windows) * args.report_every
     params = bench_params(args, total)
@@ -424,7 +413,7 @@ def trainers_case(args: argparse.Namespace, shape: str) -> dict[str, Any]:
                 f"first losses {[round(x, 4) for x in last['losses'][:3]]}"
             )
             free_mlx()
-    from lorapipe.stages.train import attach_adapters
+    from lorapipe.trainer import attach_adapters
 
     model = mlx_model(shape, args.dtype)
     attach_adapters(model, bench_params(args, 1).lora)
@@ -533,7 +522,8 @@ def build_step(
         lora_in_compute_dtype,
         swiglu_keeping_inputs,
     )
-    from lorapipe.stages.train import attach_adapters, make_optimizer, masked_loss, step_seed
+    from lorapipe.loss import masked_loss
+    from lorapipe.trainer import attach_adapters, make_optimizer, step_seed
 
     params = bench_params(args, 1000)
     model = mlx_model(shape, args.dtype)
@@ -826,7 +816,7 @@ def micro_case(args: argparse.Namespace, shape: str) -> dict[str, Any]:
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from lorapipe.stages.train import attach_adapters, step_seed
+    from lorapipe.trainer import attach_adapters, step_seed
 
     model = mlx_model(shape, args.dtype)
     attach_adapters(model, bench_params(args, 1).lora)

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 
 from lorapipe import runtime
+from tests.helpers import REPO
 
 runtime.setup()
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import pytest
 
 from lorapipe.params import ModelParams, load_params
 from lorapipe.stages.base import SOURCE_RECORD, BaseModelError, import_base_model
-from tests.conftest import REPO
+from tests.helpers import REPO, set_params
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -99,24 +99,13 @@ def run_cli(
     )
 
 
-def set_model(project: Path, **values: object) -> None:
-    from ruamel.yaml import YAML
-
-    yaml = YAML()  # round-trip: keeps the comments, as a user's edit would
-    path = project / "params.yaml"
-    data = yaml.load(path)
-    for key, value in values.items():
-        data["model"][key] = value
-    yaml.dump(data, path)
-
-
 def test_hub_source_from_a_local_cache_offline(tiny_model_dir: Path, project: Path) -> None:
     cache = project / "hf-cache"
     make_hub_cache(cache, tiny_model_dir, "someorg/tiny-llama")
     env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
 
     for revision in ("main", SHA):
-        set_model(project, source="someorg/tiny-llama", revision=revision)
+        set_params(project, **{"model.source": "someorg/tiny-llama", "model.revision": revision})
         result = run_cli(project, "base", env=env)
         assert result.returncode == 0, result.stderr
         out = project / "models" / "base"
@@ -129,7 +118,7 @@ def test_hub_source_from_a_local_cache_offline(tiny_model_dir: Path, project: Pa
 @pytest.mark.parametrize("offline", ["1", "0"])
 def test_unknown_hub_id_offline_is_a_one_line_error(project: Path, offline: str) -> None:
     # HF_HUB_OFFLINE=0 really tries the network, which is unreachable here (as on a plane).
-    set_model(project, source="nobody/no-such-model", revision="main")
+    set_params(project, **{"model.source": "nobody/no-such-model", "model.revision": "main"})
     env = {"HF_HUB_CACHE": str(project / "empty-cache"), "HF_HUB_OFFLINE": offline}
     result = run_cli(project, "base", env=env)
     assert result.returncode == 1
@@ -141,7 +130,7 @@ def test_unknown_hub_id_offline_is_a_one_line_error(project: Path, offline: str)
 
 
 def test_hub_id_needs_a_pinned_revision(project: Path) -> None:
-    set_model(project, source="someorg/tiny-llama", revision=None)
+    set_params(project, **{"model.source": "someorg/tiny-llama", "model.revision": None})
     result = run_cli(project, "base")
     assert result.returncode == 1
     assert "model.revision: is null" in result.stderr
@@ -183,7 +172,7 @@ def test_failed_import_keeps_the_previous_output_and_leaves_no_temp(
 
 
 def test_cli_reports_bad_params_in_one_line(project: Path) -> None:
-    set_model(project, dtype="float8")
+    set_params(project, **{"model.dtype": "float8"})
     result = run_cli(project, "base")
     assert result.returncode == 1
     assert result.stderr.strip() == (

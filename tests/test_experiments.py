@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 import subprocess
 import sys
@@ -23,121 +22,27 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import REPO
-from tests.test_pipeline import copy_repo, ran_stages, set_params
+from tests.helpers import (
+    BRANCH,
+    command_env,
+    commit_all,
+    dvc,
+    dvc_ok,
+    git,
+    ran_stages,
+    tiny_project,
+    tree_digest,
+)
 
 pytestmark = pytest.mark.slow  # every test here runs the pipeline at least once
 
 ALL_STAGES = ["base", "preprocess", "split", "sanitize", "train", "fuse", "quantize", "eval"]
 AFTER_TRAIN = ["train", "fuse", "quantize", "eval"]
-# The tiny model's hidden size is 64, so quantization groups of 32; a few steps and rows suffice.
-TINY_RUN: dict[str, object] = {
-    "train.iters": 20,
-    "train.steps_per_eval": 10,
-    "train.val_batches": 4,
-    "train.save_every": 10,
-    "quantize.group_size": 32,
-    "quantize.loss_batches": 4,
-    "eval.max_rows": 8,
-    "eval.batch_size": 8,
-}
 # The metric the flows rank by: exact match is 0 for every random tiny model, the loss is not.
 RANK_BY = ("metrics/eval.json", "tuned.test_loss")
-BRANCH = "main"
-# DVC commits experiments through its own git library, which needs an identity even on a machine
-# where none is configured.
-IDENTITY = {
-    "GIT_AUTHOR_NAME": "lorapipe tests",
-    "GIT_AUTHOR_EMAIL": "tests@lorapipe.invalid",
-    "GIT_COMMITTER_NAME": "lorapipe tests",
-    "GIT_COMMITTER_EMAIL": "tests@lorapipe.invalid",
-}
-
-
-# --- running dvc and git ---------------------------------------------------------------------
-
-
-def command_env() -> dict[str, str]:
-    # The stages call `lorapipe`, installed beside this interpreter; no model hub is reachable.
-    # One BLAS thread: the tiny model gains nothing from more, and two queue workers each
-    # spinning several OpenBLAS threads on a 2-core machine run many times slower.
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    return {
-        **os.environ,
-        "PATH": path,
-        "HF_HUB_OFFLINE": "1",
-        "DVC_NO_ANALYTICS": "1",
-        "OPENBLAS_NUM_THREADS": "1",
-        **IDENTITY,
-    }
-
-
-def dvc(cwd: Path, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dvc", *args],
-        cwd=cwd,
-        env=command_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def dvc_ok(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    result = dvc(cwd, *args)
-    assert result.returncode == 0, (
-        f"`dvc {' '.join(args)}` failed in {cwd}:\n{result.stdout}\n{result.stderr}"
-    )
-    return result
-
-
-def git(cwd: Path, *args: str) -> str:
-    result = subprocess.run(
-        ["git", "-c", "user.name=lorapipe tests", "-c", "user.email=tests@lorapipe.invalid", *args],
-        cwd=cwd,
-        env=command_env(),
-        capture_output=True,
-        text=True,
-        errors="replace",  # the demo data holds invalid UTF-8 on purpose
-    )
-    assert result.returncode == 0, f"`git {' '.join(args)}` failed in {cwd}:\n{result.stderr}"
-    return result.stdout
-
-
-def commit_all(project: Path, message: str) -> None:
-    git(project, "add", "-A")
-    git(project, "commit", "-q", "-m", message)
 
 
 # --- projects ---------------------------------------------------------------------------------
-
-
-def cached_outputs() -> list[str]:
-    """The pipeline's DVC-cached output paths (dvc.yaml with params.yaml's `paths` filled in)."""
-    paths = yaml.safe_load((REPO / "params.yaml").read_text())["paths"]
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    found = []
-    for stage in stages.values():
-        for out in stage.get("outs", []):
-            name, options = (out, {}) if isinstance(out, str) else next(iter(out.items()))
-            if (options or {}).get("cache", True):
-                found.append(re.sub(r"\$\{paths\.(\w+)\}", lambda m: paths[m[1]], name))
-    return found
-
-
-def fresh_copy(dest: Path) -> Path:
-    """What a clone of this working tree holds (test_pipeline.copy_repo), on branch BRANCH."""
-    copy_repo(dest)
-    git(dest, "branch", "-M", BRANCH)
-    return dest
-
-
-def tiny_project(dest: Path, model: Path) -> Path:
-    """A fresh copy set to the tiny model and a shrunken run, committed."""
-    fresh_copy(dest)
-    set_params(dest, **{"model.source": str(model), **TINY_RUN})
-    commit_all(dest, "tiny model, short run")
-    return dest
 
 
 def clone_of(source: Path, dest: Path) -> Path:
@@ -170,13 +75,6 @@ def assert_reran_from_train(log: str) -> None:
     fate = outcomes(log)
     assert [fate.get(s) for s in ALL_STAGES[:5]] == ["unchanged"] * 4 + ["ran"], log
     assert all(fate.get(s) in ("ran", "restored") for s in AFTER_TRAIN[1:]), log
-
-
-def tree_digest(root: Path) -> dict[str, bytes]:
-    """Every file under root, by relative path, with its bytes."""
-    return {
-        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
-    }
 
 
 # --- reading `dvc exp show --json` ------------------------------------------------------------

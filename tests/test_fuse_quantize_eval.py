@@ -9,38 +9,37 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_train import set_train, train
+from tests.helpers import cli, make_project, set_params, train
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """A project whose base, sanitized splits and adapter exist (module-scoped: built once)."""
-    from tests.test_train import make_project
-
     project = make_project(tmp_path_factory.mktemp("fqe") / "project", tiny_model_dir)
     shutil.copy(
         project / "data" / "sanitized" / "valid.jsonl",
         project / "data" / "sanitized" / "test.jsonl",
     )
-    set_train(project, iters=40, steps_per_eval=20, save_every=20)
-    set_train(project, "quantize", group_size=32)
-    set_train(project, "eval", batch_size=4)
+    set_params(
+        project,
+        **{
+            "train.iters": 40,
+            "train.steps_per_eval": 20,
+            "train.save_every": 20,
+            "quantize.group_size": 32,
+            "eval.batch_size": 4,
+        },
+    )
     result = train(project)
     assert result.returncode == 0, result.stderr
     return project
-
-
-def run(project: Path, *args: str):
-    from tests.test_train import cli
-
-    return cli(project, *args)
 
 
 def test_fuse_matches_base_plus_adapter_and_loads_in_mlx_lm(trained: Path) -> None:
     import mlx.core as mx
     from mlx_lm import load
 
-    result = run(trained, "fuse")
+    result = cli(trained, "fuse")
     assert result.returncode == 0, result.stderr
     check = json.loads((trained / "metrics" / "fuse.json").read_text())
     assert check["greedy_agreement"] == 1.0 and check["max_relative_logit_diff"] < 1e-4
@@ -59,7 +58,7 @@ def test_fuse_refuses_an_adapter_for_another_model(trained: Path, tmp_path: Path
     config = json.loads((project / "models" / "adapters" / "adapter_config.json").read_text())
     config["lora_parameters"]["rank"] = 4  # the saved tensors are rank 8: they no longer fit
     (project / "models" / "adapters" / "adapter_config.json").write_text(json.dumps(config))
-    result = run(project, "fuse")
+    result = cli(project, "fuse")
     assert result.returncode == 1
     assert "models/adapters does not match models/base" in result.stderr
     assert "dvc repro train" in result.stderr
@@ -67,8 +66,8 @@ def test_fuse_refuses_an_adapter_for_another_model(trained: Path, tmp_path: Path
 
 def test_quantize_records_size_and_quality_cost(trained: Path) -> None:
     if not (trained / "models" / "fused").exists():
-        assert run(trained, "fuse").returncode == 0
-    result = run(trained, "quantize")
+        assert cli(trained, "fuse").returncode == 0
+    result = cli(trained, "quantize")
     assert result.returncode == 0, result.stderr
     metrics = json.loads((trained / "metrics" / "quantize.json").read_text())
     assert metrics["bits"] == 4 and metrics["size_ratio"] < 0.5
@@ -82,8 +81,8 @@ def test_quantize_records_size_and_quality_cost(trained: Path) -> None:
 def test_eval_scores_every_model_and_writes_the_report(trained: Path) -> None:
     for stage, output in (("fuse", "fused"), ("quantize", "quantized")):
         if not (trained / "models" / output).exists():
-            assert run(trained, stage).returncode == 0
-    result = run(trained, "eval")
+            assert cli(trained, stage).returncode == 0
+    result = cli(trained, "eval")
     assert result.returncode == 0, result.stderr
     metrics = json.loads((trained / "metrics" / "eval.json").read_text())
     assert set(metrics) == {"base", "tuned", "quantized"}
@@ -102,7 +101,7 @@ def test_eval_without_a_test_split_names_the_stage(trained: Path, tmp_path: Path
     project = tmp_path / "p"
     shutil.copytree(trained, project)
     (project / "data" / "sanitized" / "test.jsonl").unlink()
-    result = run(project, "eval")
+    result = cli(project, "eval")
     assert result.returncode == 1
     assert "test.jsonl: not found; run `dvc repro sanitize`" in result.stderr
 
@@ -110,11 +109,11 @@ def test_eval_without_a_test_split_names_the_stage(trained: Path, tmp_path: Path
 def test_generate_says_which_model_it_loaded(trained: Path, tmp_path: Path) -> None:
     project = tmp_path / "g"
     shutil.copytree(trained, project, ignore=shutil.ignore_patterns("quantized", "fused"))
-    result = run(project, "generate", "Please meet Alice on day 3 about item 7.")
+    result = cli(project, "generate", "Please meet Alice on day 3 about item 7.")
     assert result.returncode == 0, result.stderr
     assert "[lorapipe] model: adapters (models/base + models/adapters)" in result.stderr
     shutil.rmtree(project / "models")
-    missing = run(project, "generate", "hi")
+    missing = cli(project, "generate", "hi")
     assert missing.returncode == 1
     assert "no model to generate with" in missing.stderr and "dvc repro quantize" in missing.stderr
 
@@ -129,7 +128,6 @@ def test_qlora_on_a_quantized_base_trains_and_fuses_without_losing_the_update(
 
     from lorapipe.params import load_params
     from lorapipe.stages.base import import_base_model
-    from tests.test_train import make_project
 
     project = make_project(tmp_path / "project", tiny_model_dir)
     shutil.rmtree(project / "models" / "base")
@@ -141,10 +139,18 @@ def test_qlora_on_a_quantized_base_trains_and_fuses_without_losing_the_update(
     )
     import_base_model(model, project / "models" / "base")
     assert "quantization" in json.loads((project / "models" / "base" / "config.json").read_text())
-    set_train(project, iters=30, steps_per_eval=15, save_every=15, learning_rate=1e-2)
+    set_params(
+        project,
+        **{
+            "train.iters": 30,
+            "train.steps_per_eval": 15,
+            "train.save_every": 15,
+            "train.learning_rate": 1e-2,
+        },
+    )
 
     assert (result := train(project)).returncode == 0, result.stderr
-    assert (result := run(project, "fuse")).returncode == 0, result.stderr
+    assert (result := cli(project, "fuse")).returncode == 0, result.stderr
     check = json.loads((project / "metrics" / "fuse.json").read_text())
     assert check["greedy_agreement"] == 1.0 and check["max_relative_logit_diff"] < 1e-3
 

@@ -8,7 +8,7 @@ import pytest
 from ruamel.yaml import YAML
 
 from lorapipe.params import ParamsError, load_params, params_from_dict
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def shipped() -> dict[str, Any]:

@@ -3,57 +3,12 @@
 from __future__ import annotations
 
 import ast
-import os
-import shutil
-import subprocess
-import sys
+import json
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-
-
-def copy_repo(dest: Path) -> Path:
-    """Copy the files git would clone (tracked + untracked-not-ignored) into a new git repo."""
-    from tests.test_experiments import cached_outputs  # lazy: that module imports this one
-
-    skip = cached_outputs()
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    for name in filter(None, listed.split("\0")):
-        source = REPO / name
-        outputs_here = any(name == o or name.startswith(f"{o}/") for o in skip)
-        if source.is_file() and not outputs_here:
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
-    git(dest, "init", "-q")
-    git(dest, "add", "-A")
-    git(dest, "commit", "-q", "-m", "clone")
-    return dest
-
-
-def git(cwd: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True)
-
-
-def dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    # The stages call `lorapipe`, installed beside this interpreter. No model hub is reachable
-    # in CI: HF_HUB_OFFLINE makes sure nothing even tries.
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    return subprocess.run(
-        [sys.executable, "-m", "dvc", *args],
-        cwd=cwd,
-        env={**os.environ, "PATH": path, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-
+from tests.helpers import REPO, copy_repo, dvc, ran_stages, set_params
 
 # Modules every stage runs that shape no stage's results: exceptions, file plumbing (atomic
 # writes, JSONL reading), params.yaml loading (its values are the stages' `params`), the BLAS
@@ -117,30 +72,6 @@ def test_fresh_clone_imports_the_embedded_model_offline(tmp_path: Path) -> None:
     assert "didn't change, skipping" in again.stdout or "up to date" in again.stdout
 
 
-def set_params(project: Path, **values: object) -> None:
-    """Edit params.yaml as a user would (comments kept): set_params(p, **{"split.seed": 7})."""
-    from ruamel.yaml import YAML
-
-    yaml = YAML()
-    path = project / "params.yaml"
-    data = yaml.load(path)
-    for dotted, value in values.items():
-        *parents, last = dotted.split(".")
-        node = data
-        for key in parents:
-            node = node[key]
-        node[last] = value
-    yaml.dump(data, path)
-
-
-def ran_stages(result: subprocess.CompletedProcess[str]) -> list[str]:
-    return [
-        line.split("'")[1]
-        for line in result.stdout.splitlines()
-        if line.startswith("Running stage")
-    ]
-
-
 def test_data_stages_with_dvc_repro_and_a_split_seed_change(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -150,8 +81,6 @@ def test_data_stages_with_dvc_repro_and_a_split_seed_change(
     first = dvc(project, "repro", "sanitize")
     assert first.returncode == 0, first.stdout + first.stderr
     assert ran_stages(first) == ["base", "preprocess", "split", "sanitize"]
-    import json
-
     data = json.loads((project / "metrics" / "data.json").read_text())
     pre, spl = data["preprocess"], data["split"]
     assert pre["rows_in"] == pre["kept"] + pre["rejected"] + pre["quarantined"]

@@ -12,7 +12,7 @@ import pytest
 from lorapipe.datasource import DataSourceError, read_source
 from lorapipe.params import Params, RatioLimit, load_params
 from lorapipe.stages.preprocess import PreprocessError, preprocess
-from tests.conftest import REPO
+from tests.helpers import REPO, set_params
 
 
 @pytest.fixture(scope="module")
@@ -218,8 +218,6 @@ def hub_project(project: Path, tiny_model_dir: Path, cache: Path, revision: str 
     """A project whose data.source is a Hub dataset id, served from a local Hub cache."""
     import shutil
 
-    from ruamel.yaml import YAML
-
     sha = "89abcdef" * 5
     snapshot = cache / "datasets--someorg--pairs" / "snapshots" / sha
     (snapshot / "data").mkdir(parents=True)
@@ -229,10 +227,8 @@ def hub_project(project: Path, tiny_model_dir: Path, cache: Path, revision: str 
     (cache / "datasets--someorg--pairs" / "refs").mkdir()
     (cache / "datasets--someorg--pairs" / "refs" / "main").write_text(sha)
     shutil.copytree(tiny_model_dir, project / "models" / "base")
-    yaml = YAML()
-    params = yaml.load(REPO / "params.yaml")
-    params["data"].update(source="someorg/pairs", revision=revision)
-    yaml.dump(params, project / "params.yaml")
+    shutil.copy(REPO / "params.yaml", project / "params.yaml")
+    set_params(project, **{"data.source": "someorg/pairs", "data.revision": revision})
 
 
 @pytest.mark.parametrize("revision", ["main", None])
@@ -269,12 +265,7 @@ def test_a_hub_dataset_at_a_pinned_revision_offline(
     assert json.loads(kept[0])["meta"]["source"] == "someorg/pairs[train]: row 1"
 
     # An id that is in no cache, offline: one line that says what to do.
-    from ruamel.yaml import YAML
-
-    yaml = YAML()
-    params = yaml.load(tmp_path / "params.yaml")
-    params["data"]["source"] = "nobody/nothing"
-    yaml.dump(params, tmp_path / "params.yaml")
+    set_params(tmp_path, **{"data.source": "nobody/nothing"})
     missing = subprocess.run(
         [sys.executable, "-m", "lorapipe.cli", "preprocess"],
         cwd=tmp_path,

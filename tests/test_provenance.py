@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.test_train import make_project, set_train
+from tests.helpers import make_project, set_params
 
 # Secret-shaped values, built at run time so no scanner mistakes this file for a leak.
 SECRETS = {
@@ -23,7 +23,7 @@ def test_run_record_and_no_secret_in_anything_a_run_writes(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     project = make_project(tmp_path / "project", tiny_model_dir)
-    set_train(project, iters=20, steps_per_eval=10, save_every=10)
+    set_params(project, **{"train.iters": 20, "train.steps_per_eval": 10, "train.save_every": 10})
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     subprocess.run(
         ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty",

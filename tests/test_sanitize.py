@@ -27,7 +27,7 @@ from lorapipe.stages.sanitize import (
     contract,
     sanitize_split,
 )
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 # Planted PII. The key is assembled at run time so that secret scanners do not flag this file.
 EMAIL = "jane.doe@example.com"

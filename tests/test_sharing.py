@@ -24,21 +24,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_experiments import (
+from tests.helpers import (
+    BRANCH,
     cached_outputs,
     command_env,
     commit_all,
     dvc_ok,
     fresh_copy,
     git,
+    ran_stages,
     tiny_project,
     tree_digest,
 )
-from tests.test_pipeline import ran_stages
 
 pytestmark = pytest.mark.slow
 
-BRANCH = "main"
 DEFAULT_REMOTE = "storage"  # shipped in .dvc/config: ../lorapipe-storage, beside the clone
 
 

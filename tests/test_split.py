@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from lorapipe.params import SplitParams, load_params
-from lorapipe.stages.split import SPLITS, split_rows
-from tests.conftest import REPO
+from lorapipe.params import SPLITS, SplitParams, load_params
+from lorapipe.stages.split import split_rows
+from tests.helpers import REPO
 
 
 def params(**changes: Any) -> SplitParams:

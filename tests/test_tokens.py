@@ -11,7 +11,7 @@ import pytest
 
 from lorapipe.errors import LorapipeError
 from lorapipe.tokens import BaseTokenizer
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -3,101 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
-import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
-
-ITERS = 240
-
-
-def make_rows(n: int, seed: int) -> list[dict[str, Any]]:
-    rng = random.Random(seed)
-    names = ["Alice", "Bob", "Chen", "Dana", "Emil", "Fay"]
-    rows = []
-    for i in range(n):
-        who, day = rng.choice(names), rng.randint(1, 28)
-        rows.append(
-            {
-                "messages": [
-                    {"role": "system", "content": "Compress the text."},
-                    {"role": "user", "content": f"Please meet {who} on day {day} about item {i}."},
-                    {"role": "assistant", "content": f"meet | {who} | day {day} | item {i}"},
-                ],
-                "meta": {"source": f"rows.jsonl:{i + 1}"},
-            }
-        )
-    return rows
-
-
-def make_project(project: Path, tiny_model_dir: Path) -> Path:
-    """A project folder with the tiny model as its base and small sanitized splits."""
-    from ruamel.yaml import YAML
-
-    (project / "data" / "sanitized").mkdir(parents=True)
-    shutil.copytree(tiny_model_dir, project / "models" / "base")
-    for name, n, seed in (("train", 48, 1), ("valid", 8, 2)):
-        path = project / "data" / "sanitized" / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in make_rows(n, seed)))
-    yaml = YAML()
-    params = yaml.load(REPO / "params.yaml")
-    params["train"].update(
-        iters=ITERS,
-        epochs=None,
-        batch_size=4,
-        save_every=20,
-        steps_per_report=10,
-        steps_per_eval=40,
-        val_batches=-1,
-        warmup_steps=5,
-    )
-    params["lora"]["dropout"] = 0.1  # dropout draws random numbers: resume must restore the RNG
-    yaml.dump(params, project / "params.yaml")
-    return project
+from tests.helpers import ITERS, REPO, make_project, make_rows, set_params, start, train
 
 
 @pytest.fixture
 def train_project(tmp_path: Path, tiny_model_dir: Path) -> Path:
     return make_project(tmp_path / "project", tiny_model_dir)
-
-
-def set_train(project: Path, section: str = "train", **values: Any) -> None:
-    from ruamel.yaml import YAML
-
-    yaml = YAML()
-    params = yaml.load(project / "params.yaml")
-    params[section].update(values)
-    yaml.dump(params, project / "params.yaml")
-
-
-def start(project: Path, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "lorapipe.cli", *(args or ("train",))],
-        cwd=project,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-
-
-def cli(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    proc = start(project, *args)
-    out, err = proc.communicate(timeout=600)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def train(project: Path) -> subprocess.CompletedProcess[str]:
-    return cli(project, "train")
 
 
 def wait_for_checkpoint(project: Path, proc: subprocess.Popen[str], step: int) -> None:
@@ -207,15 +127,21 @@ def test_the_adapter_loads_in_plain_mlx_lm_and_changes_the_model(uninterrupted: 
 
 
 def test_a_changed_param_starts_fresh_with_a_message(uninterrupted: Path) -> None:
-    set_train(uninterrupted, "lora", rank=4)
+    set_params(uninterrupted, **{"lora.rank": 4})
     result = train(uninterrupted)
     assert result.returncode == 0, result.stderr
     assert "was made with other params, data or base model: training from step 0" in result.stdout
 
 
 def test_non_finite_loss_stops_naming_the_step_and_checkpoint(train_project: Path) -> None:
-    set_train(
-        train_project, optimizer="sgd", learning_rate=1.0e30, lr_schedule="constant", warmup_steps=0
+    set_params(
+        train_project,
+        **{
+            "train.optimizer": "sgd",
+            "train.learning_rate": 1.0e30,
+            "train.lr_schedule": "constant",
+            "train.warmup_steps": 0,
+        },
     )
     result = train(train_project)
     assert result.returncode == 1
@@ -225,14 +151,14 @@ def test_non_finite_loss_stops_naming_the_step_and_checkpoint(train_project: Pat
 
 
 def test_rows_longer_than_max_seq_length_fail_early(train_project: Path) -> None:
-    set_train(train_project, max_seq_length=16)
+    set_params(train_project, **{"train.max_seq_length": 16})
     result = train(train_project)
     assert result.returncode == 1
     assert "train.max_seq_length: 16 is shorter than the longest train row" in result.stderr
 
 
 def test_a_step_that_does_not_fit_in_memory_fails_before_training(train_project: Path) -> None:
-    set_train(train_project, memory_limit_gb=0.001)
+    set_params(train_project, **{"train.memory_limit_gb": 0.001})
     result = train(train_project)
     assert result.returncode == 1
     assert "train: a step on the longest batch (4x" in result.stderr
@@ -246,7 +172,7 @@ def test_a_step_that_does_not_fit_in_memory_fails_before_training(train_project:
 def test_every_assistant_turn_is_learned_and_nothing_else(tiny_model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
-    from lorapipe.stages.train import encode
+    from lorapipe.batches import encode
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     row = {
@@ -269,7 +195,7 @@ def test_a_batch_without_targets_gives_zero_loss_not_nan(tiny_model_dir: Path) -
     import mlx.core as mx
     from mlx_lm import load
 
-    from lorapipe.stages.train import masked_loss
+    from lorapipe.loss import masked_loss
 
     model, _ = load(str(tiny_model_dir))
     tokens = mx.array([[1, 2, 3, 4, 5]])
@@ -282,7 +208,8 @@ def test_a_split_loss_covers_every_row(tiny_model_dir: Path) -> None:
     import mlx.core as mx
     from mlx_lm import load
 
-    from lorapipe.stages.train import dataset_loss, encode, make_batches, masked_loss
+    from lorapipe.batches import encode, make_batches
+    from lorapipe.loss import dataset_loss, masked_loss
 
     model, tokenizer = load(str(tiny_model_dir))
     examples = [encode(row, tokenizer, mask_prompt=True) for row in make_rows(10, 3)]
@@ -310,8 +237,10 @@ def test_logits_at_learned_positions_only_keep_the_loss_and_gradients(
     from mlx_lm import load
     from mlx_lm.models import llama
 
+    from lorapipe.batches import encode, make_batches
+    from lorapipe.loss import masked_loss
     from lorapipe.params import load_params
-    from lorapipe.stages.train import attach_adapters, encode, make_batches, masked_loss
+    from lorapipe.trainer import attach_adapters
 
     model, tokenizer = load(str(tiny_model_dir))
     if not tied:
@@ -346,7 +275,7 @@ def test_positions_are_padded_to_one_count_per_width() -> None:
     """Every batch of one width gathers the same number of positions (one compiled shape per
     width, as without gathering); padding entries point at unlearned positions; a batch whose
     every position is learned gathers nothing."""
-    from lorapipe.stages.train import Example, make_batches
+    from lorapipe.batches import Example, make_batches
 
     examples = [Example(list(range(1, 21)), [0] * (20 - n) + [1] * n) for n in (2, 3, 5, 9)]
     batches = make_batches(examples, 2)

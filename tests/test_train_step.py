@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def lora_model(tiny_model_dir: Path, dtype: str) -> Any:
@@ -19,7 +19,7 @@ def lora_model(tiny_model_dir: Path, dtype: str) -> Any:
     from mlx_lm import load
 
     from lorapipe.params import load_params
-    from lorapipe.stages.train import attach_adapters
+    from lorapipe.trainer import attach_adapters
 
     model, _ = load(str(tiny_model_dir))
     model.set_dtype(getattr(mx, dtype))
@@ -41,7 +41,7 @@ def loss_and_grads(model: Any, fast: bool) -> tuple[float, dict[str, Any]]:
     from mlx.utils import tree_flatten
 
     from lorapipe.fast import fast_training
-    from lorapipe.stages.train import masked_loss
+    from lorapipe.loss import masked_loss
 
     mx.random.seed(5)
     tokens = mx.random.randint(3, model.args.vocab_size, (2, 33))
@@ -192,7 +192,7 @@ def test_one_vector_updates_like_mlx_array_by_array_and_saves_state_by_name(
 
     from lorapipe.fast import ArrayByArray, OneVector
     from lorapipe.params import load_params
-    from lorapipe.stages.train import make_optimizer
+    from lorapipe.trainer import make_optimizer
 
     train = dataclasses.replace(load_params(REPO / "params.yaml").train, optimizer=optimizer_name)
     models = [lora_model(tiny_model_dir, "float32") for _ in range(2)]
@@ -214,7 +214,7 @@ def test_one_vector_updates_like_mlx_array_by_array_and_saves_state_by_name(
     for name in expected:
         assert mx.allclose(state[name], expected[name], rtol=1e-6, atol=1e-7).item(), name
 
-    # A run restored by name (as train.restore does) continues on one vector where it was.
+    # A run restored by name (as checkpoints.restore does) continues on one vector where it was.
     resumed = lora_model(tiny_model_dir, "float32")
     resumed.update(models[1].trainable_parameters())
     optimizer = make_optimizer(train, 10)
@@ -240,8 +240,9 @@ def test_bfloat16_views_of_one_vector_take_the_steps_of_per_array_casts(
     from mlx.utils import tree_flatten
 
     from lorapipe.fast import ArrayByArray, OneVector, bfloat16_branches, fast_training
+    from lorapipe.loss import masked_loss
     from lorapipe.params import load_params
-    from lorapipe.stages.train import make_optimizer, masked_loss
+    from lorapipe.trainer import make_optimizer
 
     train = load_params(REPO / "params.yaml").train
     models = [lora_model(tiny_model_dir, "bfloat16") for _ in range(2)]
@@ -272,7 +273,7 @@ def test_bfloat16_views_of_one_vector_take_the_steps_of_per_array_casts(
 def test_adafactor_and_bfloat16_arrays_stay_array_by_array(tiny_model_dir: Path) -> None:
     from lorapipe.fast import OneVector
     from lorapipe.params import load_params
-    from lorapipe.stages.train import make_optimizer
+    from lorapipe.trainer import make_optimizer
 
     train = load_params(REPO / "params.yaml").train
     adafactor = make_optimizer(dataclasses.replace(train, optimizer="adafactor"), 10)
@@ -280,19 +281,6 @@ def test_adafactor_and_bfloat16_arrays_stay_array_by_array(tiny_model_dir: Path)
     full = lora_model(tiny_model_dir, "bfloat16")
     full.unfreeze()  # bfloat16 arrays train too: a float32 vector would change their updates
     assert not OneVector.fits(full, make_optimizer(train, 10))
-
-
-class Reports:
-    """The tracker interface train_loop reports to, keeping the records."""
-
-    def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
-
-    def report(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-
-    def say(self, line: str) -> None:
-        pass
 
 
 @pytest.mark.parametrize("layout", ["ArrayByArray", "OneVector"])
@@ -308,16 +296,11 @@ def test_the_pipelined_loop_takes_the_same_steps_as_a_plain_loop(
     import numpy as np
     from mlx.utils import tree_flatten
 
+    from lorapipe.batches import Example, batch_order, make_batches
+    from lorapipe.loss import masked_loss
     from lorapipe.params import load_params
-    from lorapipe.stages.train import (
-        Example,
-        LoopState,
-        batch_order,
-        make_batches,
-        make_optimizer,
-        masked_loss,
-        train_loop,
-    )
+    from lorapipe.tracking import Recorder
+    from lorapipe.trainer import TrainingRun, make_optimizer, train_loop
 
     steps = 12
     params = load_params(REPO / "params.yaml")
@@ -342,12 +325,11 @@ def test_the_pipelined_loop_takes_the_same_steps_as_a_plain_loop(
     vocab = model.args.vocab_size
     examples = [Example(rng.integers(3, vocab, 33).tolist(), [0] + [1] * 32) for _ in range(8)]
     batches = make_batches(examples, 2)
-    reports = Reports()
-    optimizer = make_optimizer(params.train, steps)
+    reports = Recorder()
     train_loop(
-        model, optimizer, batches, batches, params, steps, LoopState(), tmp_path, "fp", reports
+        TrainingRun.fresh(model, params.train, params.seed, batches, steps, tmp_path, reports)
     )
-    losses = [r["train_loss"] for r in reports.records if "train_loss" in r]
+    losses = [r["train_loss"] for r in reports.train_records()]
 
     reference = lora_model(tiny_model_dir, "float32")  # the same weights and adapters
     ref_optimizer = make_optimizer(params.train, steps)

@@ -1,44 +1,63 @@
-"""Loading the pipeline's models for inference, with one-line errors that name the stage to run."""
+"""The pipeline's model folders (one table: name, producing stage, completeness marker, eval
+name) and loading them for inference, with one-line errors that name the stage to run."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lorapipe.errors import LorapipeError
-from lorapipe.params import Params
+from lorapipe.params import PathsParams
 
 
 class MissingArtifact(LorapipeError):
     """An upstream output is missing or does not fit."""
 
 
-def artifact_paths(params: Params) -> dict[str, tuple[Path, str]]:
-    """Each artifact's folder and the stage that makes it."""
-    p = params.paths
-    return {
-        "base": (Path(p.base), "base"),
-        "adapters": (Path(p.adapters), "train"),
-        "fused": (Path(p.fused), "fuse"),
-        "quantized": (Path(p.quantized), "quantize"),
-    }
+@dataclass(frozen=True)
+class Artifact:
+    """A model folder the pipeline makes, at `paths.<name>` in params.yaml."""
+
+    name: str  # also a `generate.prefer` / `--model` choice
+    stage: str  # the stage that makes it: `dvc repro <stage>`
+    marker: str  # the file that is there once the folder is complete
+    evaluated_as: str | None  # its name in `eval.models`, if eval scores it
+
+    def path(self, paths: PathsParams) -> Path:
+        return Path(getattr(paths, self.name))
+
+    def require(self, paths: PathsParams) -> Path:
+        path = self.path(paths)
+        if not (path / self.marker).is_file():
+            raise MissingArtifact(
+                f"{path}: not found; run `dvc repro {self.stage}` (the {self.stage} stage makes it)"
+            )
+        return path
 
 
-def require(path: Path, stage: str, marker: str) -> Path:
-    if not (path / marker).is_file():
-        raise MissingArtifact(
-            f"{path}: not found; run `dvc repro {stage}` (the {stage} stage makes it)"
-        )
-    return path
+ARTIFACTS = {
+    a.name: a
+    for a in (
+        Artifact("base", "base", "config.json", "base"),
+        Artifact("adapters", "train", "adapter_config.json", None),
+        # "tuned" is the fused model, which the fuse stage checked against base + adapter.
+        Artifact("fused", "fuse", "config.json", "tuned"),
+        Artifact("quantized", "quantize", "config.json", "quantized"),
+    )
+}
+EVALUATED = {a.evaluated_as: a for a in ARTIFACTS.values() if a.evaluated_as}
 
 
-def load_model(model_dir: Path, stage: str, adapters: Path | None = None) -> tuple[Any, Any]:
-    """An mlx-lm model (and tokenizer) from a pipeline folder, optionally with an adapter."""
+def load_model(paths: PathsParams, name: str) -> tuple[Any, Any]:
+    """Artifact `name` as an mlx-lm model and tokenizer, ready for inference; "adapters" is the
+    base model with the adapter on top."""
     from mlx_lm import load
 
-    require(model_dir, stage, "config.json")
-    if adapters is not None:
-        require(adapters, "train", "adapter_config.json")
+    if name == "adapters":
+        model_dir, adapters = ARTIFACTS["base"].require(paths), ARTIFACTS["adapters"].require(paths)
+    else:
+        model_dir, adapters = ARTIFACTS[name].require(paths), None
     try:
         model, tokenizer = load(str(model_dir), adapter_path=str(adapters) if adapters else None)[
             :2
@@ -57,7 +76,7 @@ def load_model(model_dir: Path, stage: str, adapters: Path | None = None) -> tup
 def cpu_friendly(model: Any) -> Any:
     """On the CPU, run a quantized model with its weights dequantized: a quantized layer computes
     x @ dequantize(Wq).T, so the values are the same, but MLX's CPU quantized kernels are
-    single-threaded and ~10x slower than the BLAS matmul. Metal and CUDA keep the real kernels."""
+    single-threaded and much slower than the BLAS matmul. Metal and CUDA keep the real kernels."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx_lm.utils import dequantize_model

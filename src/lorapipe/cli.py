@@ -100,11 +100,12 @@ STAGES = [
 
 def _run_stage(name: str) -> Callable[[argparse.Namespace], None]:
     def run(args: argparse.Namespace) -> None:
-        from lorapipe.params import load_params
+        from lorapipe.params import for_stage, load_params
 
         params = load_params(args.params)
         module = importlib.import_module(f"lorapipe.stages.{name}")
-        module.main(params)
+        # The stage sees only the params it declares (its `params:` in dvc.yaml) and paths.
+        module.main(for_stage(params, name, module.PARAMS))
 
     return run
 

@@ -1,4 +1,6 @@
 """Pieces of the training step that do the same maths in fewer FLOPs, bytes and GPU kernels.
+Their measured gains are in bench/README.md (train.py, "Where the time goes"); the reasons
+are here.
 
 - `lora_in_compute_dtype`: mlx-lm's LoRA layers keep their A and B matrices in float32, so on a
   bfloat16 model every adapted layer casts its input to float32, multiplies in float32 and
@@ -15,20 +17,17 @@
   sum of squares is finite iff every entry is, short of a float32 overflow that no update
   should take either) and gradient clipping's norm, instead of one pass each.
 - `swiglu_keeping_inputs`: mlx-lm's swiglu, silu(gate) * x, differentiated by hand so that the
-  backward pass reads only gate and x and recomputes the sigmoid (bfloat16 only). Measured on
-  an H200: steps 2-3% faster, peak memory unchanged.
-- `fast_training`: the LoRA and swiglu rewrites together, what train_loop runs inside.
-- `logits_at`: the output layer on chosen positions only (the learned ones), for every model
-  whose `model.model` is the body and whose head works position by position (mlx-lm's).
+  backward pass reads only gate and x and recomputes the sigmoid (bfloat16 only).
+- `fast_training`: the LoRA and swiglu rewrites together, what the training loop runs inside.
 - `OneVector`: the optimizer over one float32 vector holding every trainable array (the model's
   arrays are views into it) instead of array by array: on a GPU, hundreds of small adapter
   arrays otherwise cost thousands of tiny kernels a step. `ArrayByArray` is mlx's own way: on
-  the CPU (where one vector measured 0.96x), and for what one vector cannot do (Adafactor's
-  factored moments, non-float32 arrays). `trainable_layout` picks one.
+  the CPU (where a kernel costs no launch, so one vector does not pay), and for what one vector
+  cannot do (Adafactor's factored moments, non-float32 arrays). `trainable_layout` picks one.
 - `checkpoint_blocks`: gradient checkpointing of some or all blocks of one model.
-- `memory_limit`: MLX's allocator limit for a block. The host queues work ahead of the device,
-  and every buffer a queued kernel reads stays allocated until that kernel has run; above the
-  limit MLX waits for queued work to finish before it allocates more.
+
+These replace mlx-lm internals by name (`MLX_LM_NAMES`), written for the mlx-lm range that
+pyproject.toml pins; `check_mlx_lm` fails at start-up, naming the version, if one is gone.
 """
 
 from __future__ import annotations
@@ -38,6 +37,37 @@ from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+
+from lorapipe.errors import LorapipeError
+
+# The mlx-lm names this module replaces or subclasses (module, attribute).
+MLX_LM_NAMES = (
+    ("mlx_lm.tuner.lora", "LoRALinear"),
+    ("mlx_lm.models.activations", "swiglu"),
+    ("mlx_lm.tuner.utils", "linear_to_lora_layers"),
+)
+
+
+class IncompatibleMlxLm(LorapipeError):
+    """The installed mlx-lm lacks a name lorapipe's training step replaces."""
+
+
+def check_mlx_lm() -> None:
+    """Fail before training, naming the mlx-lm version, if a name this module patches is gone
+    (a newer mlx-lm than pyproject.toml's range) rather than deep inside the first step."""
+    import importlib
+    from importlib.metadata import version
+
+    for module, name in MLX_LM_NAMES:
+        try:
+            found = hasattr(importlib.import_module(module), name)
+        except ImportError:
+            found = False
+        if not found:
+            raise IncompatibleMlxLm(
+                f"mlx-lm {version('mlx-lm')} has no {module}.{name}, which lorapipe's training "
+                "step replaces; install the mlx-lm version pinned in uv.lock (`uv sync --locked`)"
+            )
 
 
 def _compute_dtype_lora_class() -> type:
@@ -142,33 +172,6 @@ def fast_training(model: Any) -> Iterator[None]:
     accumulate product, swiglu keeping only its inputs. Both leave float32 models alone."""
     with lora_in_compute_dtype(model), swiglu_keeping_inputs():
         yield
-
-
-@contextmanager
-def logits_at(model: Any, positions: Any) -> Iterator[None]:
-    """Inside, `model(inputs)` returns logits [len(positions), vocab] for the flat positions of
-    inputs [batch, length] only: the body's hidden states are gathered before the model's own
-    head (tied or not, softcapped or not) runs. Swaps the body's class, as lora_in_compute_dtype
-    does, so the module tree and its parameter names stay as they are. A model without a
-    `model.model` body is left alone: it returns all logits [batch, length, vocab]."""
-    import mlx.nn as nn
-
-    body = getattr(model, "model", None)
-    if not isinstance(body, nn.Module):
-        yield
-        return
-    original = type(body)
-
-    class Gathered(original):  # type: ignore[misc, valid-type]
-        def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            hidden = original.__call__(self, *args, **kwargs)
-            return hidden.reshape(-1, hidden.shape[-1])[positions]
-
-    body.__class__ = Gathered
-    try:
-        yield
-    finally:
-        body.__class__ = original
 
 
 def squared_norm(grads: Any) -> Any:
@@ -340,7 +343,7 @@ def bfloat16_branches(model: Any) -> bool:
 
 def trainable_layout(model: Any, optimizer: Any) -> ArrayByArray:
     """OneVector on a GPU where it keeps the maths, else ArrayByArray. On the CPU, where a
-    kernel costs no launch, one vector was not faster (bench/README.md)."""
+    kernel costs no launch, one vector is not faster."""
     import mlx.core as mx
 
     if mx.default_device() == mx.gpu and OneVector.fits(model, optimizer):
@@ -378,18 +381,3 @@ def checkpoint_blocks(model: Any, count: int) -> int:
             classes[base] = _checkpointed(base)
         layer.__class__ = classes[base]
     return len(chosen)
-
-
-@contextmanager
-def memory_limit(gigabytes: float | None) -> Iterator[None]:
-    """mx.set_memory_limit(gigabytes) while inside (None: leave MLX's default), then restored."""
-    import mlx.core as mx
-
-    if gigabytes is None:
-        yield
-        return
-    previous = mx.set_memory_limit(int(gigabytes * 1e9))
-    try:
-        yield
-    finally:
-        mx.set_memory_limit(previous)

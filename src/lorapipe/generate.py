@@ -9,44 +9,34 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-from lorapipe.artifacts import MissingArtifact, artifact_paths, chat_prompt, load_model
+from lorapipe.artifacts import ARTIFACTS, MissingArtifact, chat_prompt, load_model
 from lorapipe.params import Params
 
-MARKERS = {
-    "base": "config.json",
-    "adapters": "adapter_config.json",
-    "fused": "config.json",
-    "quantized": "config.json",
-}
 
-
-def pick(params: Params, wanted: str | None = None) -> tuple[str, Path, Path | None]:
-    """(name, model folder, adapter folder or None) of the model to load."""
-    artifacts = artifact_paths(params)
+def pick(params: Params, wanted: str | None = None) -> str:
+    """The name of the model to load: `wanted`, or the first of generate.prefer that exists."""
     order = [wanted] if wanted else list(params.generate.prefer)
     for name in order:
-        if name not in artifacts:
-            raise MissingArtifact(f"--model: {name!r} is not one of {', '.join(artifacts)}")
-        path, _ = artifacts[name]
-        if (path / MARKERS[name]).is_file():
-            if name == "adapters":
-                return name, artifacts["base"][0], path
-            return name, path, None
-    made_by = ", ".join(f"{artifacts[n][0]} (`dvc repro {artifacts[n][1]}`)" for n in order)
+        if name not in ARTIFACTS:
+            raise MissingArtifact(f"--model: {name!r} is not one of {', '.join(ARTIFACTS)}")
+        artifact = ARTIFACTS[name]
+        if (artifact.path(params.paths) / artifact.marker).is_file():
+            return name
+    made_by = ", ".join(
+        f"{ARTIFACTS[n].path(params.paths)} (`dvc repro {ARTIFACTS[n].stage}`)" for n in order
+    )
     raise MissingArtifact(f"no model to generate with: none of {made_by} exists yet")
 
 
 def load(params: Params, wanted: str | None) -> tuple[Any, Any]:
-    name, path, adapters = pick(params, wanted)
-    stage = artifact_paths(params)[name][1]
-    print(
-        f"[lorapipe] model: {name} ({path}{' + ' + str(adapters) if adapters else ''})",
-        file=sys.stderr,
-    )
-    return load_model(path, "base" if adapters else stage, adapters)
+    name = pick(params, wanted)
+    shown = str(ARTIFACTS[name].path(params.paths))
+    if name == "adapters":
+        shown = f"{ARTIFACTS['base'].path(params.paths)} + {shown}"
+    print(f"[lorapipe] model: {name} ({shown})", file=sys.stderr)
+    return load_model(params.paths, name)
 
 
 def user_turn(params: Params, text: str) -> dict[str, str]:

@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, cast
 
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
@@ -129,6 +129,10 @@ class SplitRatios:
     train: Annotated[float, Range(gt=0, le=1)]
     valid: Annotated[float, Range(ge=0, le=1)]
     test: Annotated[float, Range(ge=0, le=1)]
+
+
+# The split names, in order: the fields of split.ratios.
+SPLITS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(SplitRatios))
 
 
 @dataclass(frozen=True)
@@ -244,6 +248,41 @@ class Params:
     quantize: QuantizeParams
     eval: EvalParams
     generate: GenerateParams
+
+
+# --- what one stage may read ---------------------------------------------------------------
+
+# Every stage may read `paths`: dvc.yaml names each stage's deps and outs through them.
+SHARED = ("paths",)
+
+
+def for_stage(params: Params, stage: str, reads: tuple[str, ...]) -> Params:
+    """`params` as stage `stage` sees it: the sections and keys it declares (`reads`, the same
+    list as its `params:` in dvc.yaml) and `paths`. Reading anything else raises ParamsError
+    naming the stage and the key, so a stage cannot depend on a param DVC does not track for it
+    (a change to it would leave the stage's outputs stale)."""
+    return cast(Params, _Declared(params, stage, "", frozenset((*reads, *SHARED))))
+
+
+class _Declared:
+    """A read-only view of a params object (or section) that lets through declared keys only."""
+
+    __slots__ = ("_allowed", "_prefix", "_stage", "_value")
+
+    def __init__(self, value: Any, stage: str, prefix: str, allowed: frozenset[str]) -> None:
+        self._value, self._stage, self._prefix, self._allowed = value, stage, prefix, allowed
+
+    def __getattr__(self, name: str) -> Any:
+        key = f"{self._prefix}{name}"
+        value = getattr(self._value, name)
+        if key in self._allowed:
+            return value
+        if dataclasses.is_dataclass(value):  # a section: the error names the key read in it
+            return _Declared(value, self._stage, f"{key}.", self._allowed)
+        raise ParamsError(
+            f"stage '{self._stage}' reads {key}, which it does not declare; add '{key}' to PARAMS "
+            f"in src/lorapipe/stages/{self._stage}.py and to the stage's params in dvc.yaml"
+        )
 
 
 # --- loading --------------------------------------------------------------------------------

@@ -175,10 +175,10 @@ def _find_phones(text: str, region: str, min_national: int) -> Iterator[Finding]
 
 # --- api_key -------------------------------------------------------------------------------------
 
-# detect-secrets (Yelp) was measured for this and not used: its regex-only plugins cost ~140 us
-# per 300-character string (its default entropy plugins ~1.2 ms, and they flag plain prose and
-# git hashes), it has no detector for OpenAI sk-proj-, GitHub github_pat_, Google AIza or
-# HuggingFace hf_ tokens, and it returns values rather than offsets. Its detectors are compiled
+# detect-secrets (Yelp) was measured for this and not used (bench/README.md, "data.py"): it is
+# far slower per string, its default entropy plugins flag plain prose and git hashes, it has no
+# detector for OpenAI sk-proj-, GitHub github_pat_, Google AIza or HuggingFace hf_ tokens, and
+# it returns values rather than offsets. Its detectors are compiled
 # regexes over documented token formats, which is what these are; each runs only when one of its
 # literal triggers occurs in the text, so a clean string costs a few substring tests.
 

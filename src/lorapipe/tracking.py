@@ -66,3 +66,23 @@ class Tracker:
         names = VAL_METRICS if "val_loss" in record else TRAIN_METRICS
         for name, key in names.items():
             self.live.log_metric(name, float(record[key]))
+
+
+class Recorder:
+    """A tracker that keeps what the loop reports, with the time each report arrived, and
+    prints nothing: for tests and benches that run the training loop themselves."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.times: list[float] = []  # time.perf_counter() at each record
+        self.said: list[str] = []
+
+    def report(self, record: dict[str, Any]) -> None:
+        self.times.append(time.perf_counter())
+        self.records.append(dict(record))
+
+    def say(self, line: str) -> None:
+        self.said.append(line)
+
+    def train_records(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if "train_loss" in r]

@@ -25,6 +25,7 @@ from lorapipe.errors import LorapipeError
 from lorapipe.io import atomic_dir, atomic_write_json
 from lorapipe.params import ModelParams, Params
 
+PARAMS = ("model",)
 EMBEDDED = "embedded"
 SOURCE_RECORD = "lorapipe_source.json"
 

@@ -15,16 +15,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorapipe.artifacts import artifact_paths, chat_prompt, load_model
+from lorapipe.artifacts import EVALUATED, chat_prompt, load_model
+from lorapipe.batches import encode, make_batches
 from lorapipe.errors import LorapipeError
 from lorapipe.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
+from lorapipe.loss import dataset_loss
 from lorapipe.params import Params
 from lorapipe.scoring import SCORERS, compression_ratio
-from lorapipe.stages.train import dataset_loss, encode, make_batches
 
-# eval.models names -> the artifact each one loads ("tuned" is the fused model, which the
-# fuse stage has checked against base + adapter).
-MODEL_ARTIFACT = {"base": "base", "tuned": "fused", "quantized": "quantized"}
+# train.batch_size: the loss batches are training's, so what fit in training fits here (the
+# full-vocabulary logits of eval.batch_size rows might not).
+PARAMS = ("eval", "train.batch_size")
 
 
 class EvalError(LorapipeError):
@@ -51,8 +52,6 @@ def evaluate_model(
 
     config = params.eval
     examples = [encode(row, tokenizer, mask_prompt=True) for row in rows]
-    # Loss batches as large as training's: what fits in training fits here (full-vocabulary
-    # logits of eval.batch_size rows might not).
     batches = make_batches(examples, params.train.batch_size, every_row=True)
     loss = dataset_loss(model, batches, config.loss_batches)
 
@@ -153,12 +152,10 @@ def _code(text: str) -> str:
 
 def main(params: Params) -> None:
     rows = test_rows(params)
-    artifacts = artifact_paths(params)
     metrics: dict[str, dict[str, float]] = {}
     generations: dict[str, list[dict[str, Any]]] = {}
     for name in params.eval.models:
-        path, stage = artifacts[MODEL_ARTIFACT[name]]
-        model, tokenizer = load_model(path, stage)
+        model, tokenizer = load_model(params.paths, EVALUATED[name].name)
         metrics[name], generations[name] = evaluate_model(model, tokenizer, rows, params)
         shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics[name].items())
         print(f"eval: {name}: {shown}", flush=True)

@@ -18,6 +18,8 @@ from lorapipe.errors import LorapipeError
 from lorapipe.io import atomic_dir, atomic_write_json, read_jsonl
 from lorapipe.params import FuseParams, Params
 
+PARAMS = ("fuse",)
+
 
 class FuseError(LorapipeError):
     """The fused model does not behave like base + adapter."""
@@ -76,8 +78,8 @@ def main(params: Params) -> None:
 
     paths = params.paths
     base, adapters = Path(paths.base), Path(paths.adapters)
-    tuned, tokenizer = load_model(base, "base", adapters)
-    reference, _ = load_model(base, "base", adapters)  # kept unfused, for the check
+    tuned, tokenizer = load_model(paths, "adapters")  # base + adapter
+    reference, _ = load_model(paths, "adapters")  # kept unfused, for the check
     config = json.loads((base / "config.json").read_text())
     fused, config = fuse_model(tuned, config)
 

@@ -22,6 +22,8 @@ from lorapipe.errors import LorapipeError
 from lorapipe.io import atomic_dir, atomic_write_json, atomic_write_jsonl
 from lorapipe.params import DataParams, Params, PreprocessParams, RatioLimit
 
+PARAMS = ("data", "preprocess")
+
 ROLES = ("system", "user", "assistant")
 
 

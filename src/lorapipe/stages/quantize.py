@@ -9,9 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from lorapipe.artifacts import cpu_friendly, load_model
+from lorapipe.batches import encode, make_batches
 from lorapipe.io import atomic_dir, atomic_write_json, read_jsonl
+from lorapipe.loss import dataset_loss
 from lorapipe.params import Params
-from lorapipe.stages.train import dataset_loss, encode, make_batches
+
+# train.batch_size: the loss batches are training's, so what fit in training fits here.
+PARAMS = ("quantize", "train.batch_size")
 
 
 def folder_bytes(path: Path) -> int:
@@ -29,7 +33,7 @@ def main(params: Params) -> None:
     from mlx_lm.utils import quantize_model, save_config, save_model
 
     fused_dir, q = Path(params.paths.fused), params.quantize
-    model, tokenizer = load_model(fused_dir, "fuse")
+    model, tokenizer = load_model(params.paths, "fused")
     before = validation_loss(model, tokenizer, params)
     config = json.loads((fused_dir / "config.json").read_text())
     model, config = quantize_model(model, config, q.group_size, q.bits, mode=q.mode)

@@ -24,8 +24,9 @@ from lorapipe.io import (
     atomic_write_text,
     read_jsonl,
 )
-from lorapipe.params import Params, SanitizeParams
-from lorapipe.stages.split import SPLITS
+from lorapipe.params import SPLITS, Params, SanitizeParams
+
+PARAMS = ("sanitize",)
 
 
 class SanitizeError(LorapipeError):

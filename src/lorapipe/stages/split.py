@@ -20,9 +20,9 @@ from typing import Any
 
 from lorapipe.errors import LorapipeError
 from lorapipe.io import atomic_dir, atomic_write_json, atomic_write_jsonl, read_jsonl
-from lorapipe.params import Params, SplitParams
+from lorapipe.params import SPLITS, Params, SplitParams
 
-SPLITS = ("train", "valid", "test")
+PARAMS = ("split",)
 _PUNCTUATION_AND_SPACE = re.compile(r"[\W_]+", re.UNICODE)
 
 
