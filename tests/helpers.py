@@ -20,19 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def set_params(project: Path, **values: object) -> None:
-    """Edit params.yaml as a user would (comments kept): set_params(p, **{"split.seed": 7})."""
-    from ruamel.yaml import YAML
+    """Edit params.yaml as a user would (comments kept): set_params(p, **{"split.seed": 7}).
+    Unchecked, so that tests can write the invalid values whose errors they test."""
+    from lorapipe.params import edit_params_file
 
-    yaml = YAML()
-    path = project / "params.yaml"
-    data = yaml.load(path)
-    for dotted, value in values.items():
-        *parents, last = dotted.split(".")
-        node = data
-        for key in parents:
-            node = node[key]
-        node[last] = value
-    yaml.dump(data, path)
+    edit_params_file(project / "params.yaml", values, check=False)
 
 
 # --- a project for the train stage and what follows it ------------------------------------------

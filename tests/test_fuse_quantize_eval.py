@@ -165,3 +165,27 @@ def test_qlora_on_a_quantized_base_trains_and_fuses_without_losing_the_update(
     update = mx.abs(tuned(ids) - base(ids)).max().item()
     assert update > 1e-2, "the adapter changes the quantized model's output"
     assert mx.abs(fused(ids) - tuned(ids)).max().item() < 1e-3 * max(update, 1.0)
+
+
+def test_generate_passes_over_a_quantized_model_that_quantizing_made_worse(
+    trained: Path, tmp_path: Path
+) -> None:
+    """The generation policy: quantize's measured cost decides whether generate loads it."""
+    project = tmp_path / "policy"
+    shutil.copytree(trained, project)
+    if not (project / "models" / "quantized").is_dir():
+        assert cli(project, "fuse").returncode == 0
+        assert cli(project, "quantize").returncode == 0
+    cost = json.loads((project / "metrics" / "quantize.json").read_text())["val_loss_increase"]
+    assert cost > 0, "4-bit quantization of the tiny model raises its loss"
+
+    set_params(project, **{"generate.quantized_max_loss_increase": cost / 2})
+    strict = cli(project, "generate", "Please meet Alice on day 3 about item 7.")
+    assert strict.returncode == 0, strict.stderr
+    assert f"quantized passed over: its validation loss is {cost:.4f} above" in strict.stderr
+    assert "[lorapipe] model: fused (models/fused)" in strict.stderr
+
+    set_params(project, **{"generate.quantized_max_loss_increase": cost * 2})
+    lenient = cli(project, "generate", "Please meet Alice on day 3 about item 7.")
+    assert "[lorapipe] model: quantized (models/quantized)" in lenient.stderr
+    assert "passed over" not in lenient.stderr

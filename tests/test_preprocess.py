@@ -115,6 +115,9 @@ BAD_LINES = [
     (b'{"input": "x", "output": ', "invalid_json"),
     (b'["input", "output"]', "not_object"),
     (b'{"input": "\xff", "output": "y"}', "invalid_utf8"),
+    (b'{"input": "x", "output": "y", "input": "z"}', "duplicate_key"),
+    (b'{"input": "a NUL \\u0000 here", "output": "y"}', "control_character"),
+    (b'{"input": "an escape \\u001b[31m", "output": "y"}', "control_character"),
 ]
 
 
@@ -130,7 +133,12 @@ def test_malformed_lines_are_quarantined_with_reason_and_nothing_is_lost(
         (f"{path}:{i}", reason) for i, (_, reason) in enumerate(BAD_LINES, start=2)
     ]
     metrics = outcome.metrics()
-    assert metrics["rows_in"] == 8 == metrics["kept"] + metrics["rejected"] + metrics["quarantined"]
+    total = 2 + len(BAD_LINES)
+    assert (
+        metrics["rows_in"]
+        == total
+        == metrics["kept"] + metrics["rejected"] + metrics["quarantined"]
+    )
 
 
 def test_on_error_raise_names_file_line_and_fix(tmp_path: Path, shipped: Params) -> None:
@@ -139,8 +147,8 @@ def test_on_error_raise_names_file_line_and_fix(tmp_path: Path, shipped: Params)
     with pytest.raises(PreprocessError) as info:
         run(path, shipped, pre={"on_error": "raise"})
     assert str(info.value) == (
-        f"{path}:2: field 'output' is missing; fix the record, or set preprocess.on_error: "
-        "quarantine to set it aside"
+        f"{path}:2: field 'output' (data.fields.completion) is missing; the row has: input; fix "
+        "the record, or set preprocess.on_error: quarantine to set it aside"
     )
 
 
@@ -302,3 +310,47 @@ def test_a_split_left_empty_is_an_error_naming_it(tmp_path: Path, monkeypatch) -
     with pytest.raises(SplitError, match=r"split: '(valid|test)' would be empty \(3 rows"):
         split.main(load_params("params.yaml"))
     assert not (tmp_path / "data" / "split").exists()
+
+
+def test_errors_name_the_key_the_columns_and_the_character(tmp_path: Path, shipped: Params) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(
+        b'{"document": "d", "summary": "s"}\n'
+        b'{"input": "x", "output": "y", "output": "z"}\n'
+        b'{"input": "tab\\tand\\nnewline are text", "output": "a \\u0000 b"}\n'
+    )
+    details = {q["source"]: q["detail"] for q in run(path, shipped).quarantined}
+    assert details == {
+        f"{path}:1": "field 'input' (data.fields.prompt) is missing; the row has: document, "
+        "summary",
+        f"{path}:2": "duplicate key 'output' in one object",
+        f"{path}:3": "field 'output' has the control character U+0000 at character 3",
+    }
+
+
+def test_a_csv_record_spanning_lines_is_named_by_its_first_line(
+    tmp_path: Path, shipped: Params
+) -> None:
+    path = tmp_path / "p.csv"
+    path.write_text('input,output\n"a long\nmulti-line\ninput",short\n\n"x",y,extra\n')
+    outcome = run(path, shipped, pre={"ratio_limits": ()})
+    assert [r["meta"]["source"] for r in outcome.kept] == [f"{path}:2"]
+    assert [(q["source"], q["reason"]) for q in outcome.quarantined] == [
+        (f"{path}:6", "bad_csv_row")
+    ]
+
+
+def test_on_error_raise_stops_at_a_conversation_out_of_order(
+    tmp_path: Path, shipped: Params
+) -> None:
+    """Role order is checked where the line is read, so `raise` stops there too."""
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "hello"},
+    ]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
+    chat = {"format": "chat", "system_prompt": None}
+    assert [q["reason"] for q in run(path, shipped, data=chat).quarantined] == ["role_order"]
+    with pytest.raises(PreprocessError, match=r"chat.jsonl:1: turn 2 is 'user', expected"):
+        run(path, shipped, data=chat, pre={"on_error": "raise"})

@@ -175,7 +175,7 @@ def test_lengths_are_tokens_after_the_chat_template_and_the_contract_matches(
     data = contract({"train": report}, {}, shipped)
     assert data["splits"]["train"]["tokens"] == {
         "min": min(expected),
-        "median": statistics.median(expected),
+        "median": statistics.median_low(expected),  # a real row length
         # numpy's "higher" percentile; for 24 rows also the nearest rank (the 23rd length).
         "p95": int(np.percentile(expected, 95, method="higher")),
         "max": max(expected),

@@ -131,6 +131,14 @@ def _chat(args: argparse.Namespace) -> None:
     generate.chat(load_params(args.params), args.model)
 
 
+def _use_data(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from lorapipe import use_data
+
+    use_data.main(args.source, Path(args.params), args.prompt, args.completion)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorapipe",
@@ -163,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="generate from the best available model (quantized, fused, adapter, base)",
         description="Answer PROMPT with the first model in `generate.prefer` that the pipeline "
-        "has made, with the training's system prompt, prompt template and chat template. "
+        "has made (passing over a quantized model whose validation loss is more than "
+        "`generate.quantized_max_loss_increase` above the fused one's, and saying so), with the "
+        "training's system prompt, prompt template and chat template. "
         "Sampling: `generate.temperature` (0: greedy), `generate.top_p`, `generate.max_tokens`.",
     )
     generate.add_argument("prompt", help="the text to send (as the user turn)")
@@ -179,6 +189,20 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--params", default="params.yaml", metavar="PATH")
     chat.add_argument("--model", metavar="NAME", help="quantized, fused, adapters or base")
     chat.set_defaults(func=_chat)
+    use_data = commands.add_parser(
+        "use-data",
+        help="point params.yaml at your own dataset (format, fields, no demo settings)",
+        description="Read the first records of SOURCE (a file, folder or glob under paths.raw, "
+        "data/raw by default), work out data.format and data.fields from its columns, and "
+        "write them to params.yaml with every demo setting (marked `# demo` there: the system "
+        "prompt, keep_fields, ratio limits, stratification, the field_f1 metric) set to its "
+        "generic value. Prints every change; comments in params.yaml are kept.",
+    )
+    use_data.add_argument("source", help="your data under data/raw, e.g. data/raw/mine.jsonl")
+    use_data.add_argument("--prompt", metavar="COLUMN", help="the column holding the prompt")
+    use_data.add_argument("--completion", metavar="COLUMN", help="the column holding the answer")
+    use_data.add_argument("--params", default="params.yaml", metavar="PATH")
+    use_data.set_defaults(func=_use_data)
     return parser
 
 

@@ -74,6 +74,21 @@ def source_files(spec: str) -> list[Path]:
     return files
 
 
+def check_tracked(spec: str, raw_dir: str) -> None:
+    """Refuse local files outside `raw_dir`: that folder is the preprocess stage's DVC dependency,
+    so a file elsewhere could change with `dvc status` clean and every output stale. (A Hub
+    dataset is pinned by `data.revision`, a param DVC tracks.)"""
+    root = Path(raw_dir).resolve()
+    for path in source_files(spec):
+        if not path.resolve().is_relative_to(root):
+            raise DataSourceError(
+                f"data.source: {path} is outside {raw_dir}/, the folder DVC tracks for the "
+                f"preprocess stage, so editing it would leave every output stale without a word; "
+                f"move it under {raw_dir}/ (and `dvc add {raw_dir}/{path.name}` if it is large), "
+                f"then point data.source there"
+            )
+
+
 def read_source(data: DataParams) -> Iterator[RawRecord]:
     files = source_files(data.source)
     if files:
@@ -119,11 +134,37 @@ def _read_json(path: Path) -> Iterator[RawRecord]:
             yield RawRecord(where, path.name, None, "expected a JSON object", raw)
 
 
+class _NumberedLines:
+    """A file's lines for the csv module, remembering the number of the first non-blank line
+    each record starts on (a quoted field can span lines: errors name where the record begins)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.number, self.start = f, 0, 0
+
+    def __iter__(self) -> _NumberedLines:
+        return self
+
+    def __next__(self) -> str:
+        line = next(self.f)
+        self.number += 1
+        if not self.start and line.strip():
+            self.start = self.number
+        return line
+
+
 def _read_csv(path: Path) -> Iterator[RawRecord]:
     with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        for row in reader:
-            where = f"{path}:{reader.line_num}"
+        lines = _NumberedLines(f)
+        reader = csv.DictReader(lines)
+        if reader.fieldnames is None:  # reads the header line: records start after it
+            return
+        while True:
+            lines.start = 0
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            where = f"{path}:{lines.start}"
             raw = json.dumps(row, ensure_ascii=False)
             if None in row or None in row.values():
                 yield RawRecord(where, path.name, None, "wrong number of columns", raw)

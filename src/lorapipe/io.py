@@ -98,6 +98,23 @@ class Line:
 _BOM = b"\xef\xbb\xbf"
 
 
+class DuplicateKey(ValueError):
+    """A JSON object names one key twice: which value was meant is unknowable."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for key, item in pairs:
+        if key in value:
+            raise DuplicateKey(key)
+        value[key] = item
+    return value
+
+
 def read_jsonl(path: Path) -> Iterator[Line]:
     """Yield every non-blank line of a JSONL file, tolerating a BOM, CRLF and no final newline.
 
@@ -120,9 +137,12 @@ def read_jsonl(path: Path) -> Iterator[Line]:
                 yield Line(where, None, f"invalid UTF-8 at byte {exc.start + 1}", raw)
                 continue
             try:
-                value = json.loads(text)
+                value = json.loads(text, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as exc:
                 yield Line(where, None, f"invalid JSON: {exc.msg} at column {exc.colno}", raw)
+                continue
+            except DuplicateKey as exc:
+                yield Line(where, None, f"duplicate key '{exc.key}' in one object", raw)
                 continue
             if not isinstance(value, dict):
                 kind = "a list" if isinstance(value, list) else f"a {type(value).__name__}"

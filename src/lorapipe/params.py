@@ -55,6 +55,7 @@ class PathsParams:
     """Where each stage writes; dvc.yaml interpolates these (`${paths.base}`)."""
 
     base: str
+    raw: str
     preprocessed: str
     split: str
     sanitized: str
@@ -228,6 +229,7 @@ class GenerateParams:
     """`lorapipe generate` and `lorapipe chat` (user commands, not stages)."""
 
     prefer: tuple[Literal["quantized", "fused", "adapters", "base"], ...]
+    quantized_max_loss_increase: Annotated[float, Range(ge=0)]
     max_tokens: Annotated[int, Range(ge=1)]
     temperature: Annotated[float, Range(ge=0)]
     top_p: Annotated[float, Range(gt=0, le=1)]
@@ -304,6 +306,69 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
     return params_from_dict(data, source=str(path))
 
 
+DEMO_MARK = re.compile(r"# demo\b[;:]? ?")
+
+
+def edit_params_file(path: Path, updates: dict[str, Any], check: bool = True) -> list[str]:
+    """Set dotted keys (`train.iters`) in a params file the way a person would: comments, quotes
+    and layout kept, lists changed in place. Writes atomically and, with `check`, only a valid
+    file; returns a line per changed value ("key: old -> new")."""
+    import io
+
+    from ruamel.yaml import YAML
+    from ruamel.yaml.comments import CommentedSeq
+
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    yaml.width = 4096
+    yaml.indent(mapping=2, sequence=4, offset=2)  # params.yaml's own layout
+    # null stays `null` (ruamel would write an empty value)
+    yaml.representer.add_representer(
+        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
+    data = yaml.load(path)
+    said = []
+    for dotted, value in updates.items():
+        *parents, last = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node[key]
+        old = node.get(last)
+        if old == value:
+            continue
+        said.append(f"{dotted}: {_written(old)} -> {_written(value)}")
+        if isinstance(old, list) and isinstance(value, list) and value:
+            old[:] = value  # in place: the comments ruamel attached to the list stay
+        elif isinstance(value, list):
+            node[last] = CommentedSeq(value)  # written [a, b], as params.yaml writes lists
+            node[last].fa.set_flow_style()
+        else:
+            node[last] = value
+        # A value marked `# demo` that changes is no longer the demo's: drop the mark.
+        comment = getattr(node, "ca", None) and node.ca.items.get(last)
+        if comment and comment[2] is not None:
+            comment[2].value = DEMO_MARK.sub("# ", comment[2].value, count=1)
+    text = io.StringIO()
+    yaml.dump(data, text)
+    if check:
+        params_from_dict(YAML(typ="safe").load(text.getvalue()), source=str(path))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text.getvalue(), encoding="utf-8")
+    tmp.replace(path)
+    return said
+
+
+def _written(value: Any) -> str:
+    """A value as a message shows it: null, 'text', [a, b] (ruamel's containers as plain)."""
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_written(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_written(v) for v in value) + "]"
+    return repr(value)
+
+
 def params_from_dict(data: Any, source: str = "params") -> Params:
     params: Params = _build(Params, data, prefix="", source=source)
     _check_together(params, source)
@@ -330,6 +395,13 @@ def _check_together(params: Params, source: str) -> None:
                 f"{source}: preprocess.strip_patterns[{i}]: {pattern!r} is not a valid regular "
                 f"expression ({exc})"
             ) from exc
+    stratify = params.split.stratify
+    if stratify is not None and stratify not in params.data.keep_fields:
+        raise ParamsError(
+            f"{source}: split.stratify: {stratify!r} is not in data.keep_fields "
+            f"{list(params.data.keep_fields)}, so no row carries it; add it there, or set "
+            "split.stratify: null"
+        )
     if params.data.format == "completions" and "{prompt}" not in params.data.prompt_template:
         raise ParamsError(
             f"{source}: data.prompt_template: {params.data.prompt_template!r} must contain "

@@ -21,11 +21,15 @@ from lorapipe.errors import LorapipeError
 from lorapipe.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
 from lorapipe.loss import dataset_loss
 from lorapipe.params import Params
-from lorapipe.scoring import SCORERS, compression_ratio
+from lorapipe.scoring import FIELD_SEPARATOR, SCORERS, compression_ratio
 
 # train.batch_size: the loss batches are training's, so what fit in training fits here (the
 # full-vocabulary logits of eval.batch_size rows might not).
 PARAMS = ("eval", "train.batch_size")
+
+
+# The scores that order the report's examples, strictest first.
+RANKING = ("exact_match", "field_f1", "chrf", "token_f1")
 
 
 class EvalError(LorapipeError):
@@ -114,7 +118,7 @@ def render_report(
         "|---|" + "---|" * len(names),
     ]
     for column in columns:
-        values = " | ".join(f"{metrics[n][column]:.4g}" for n in names)
+        values = " | ".join(_num(metrics[n][column]) for n in names)
         lines.append(f"| {column} | {values} |")
     if train:
         t = train.get
@@ -128,8 +132,10 @@ def render_report(
             f"{t('peak_memory_gb')} GB. Curves: `dvc plots show`.",
         ]
     focus = "tuned" if "tuned" in generations else names[-1]
-    score = "exact_match" if "exact_match" in generations[focus][0] else "chrf"
-    ranked = sorted(range(rows), key=lambda i: generations[focus][i].get(score, 0.0))
+    # Worst first by the strictest score, ties broken by the finer ones (when every exact match
+    # is 0, chrF still orders the misses), then by row.
+    scores = [s for s in RANKING if s in generations[focus][0]]
+    ranked = sorted(range(rows), key=lambda i: (*(generations[focus][i][s] for s in scores), i))
     lines += ["", f"## Generations, worst {focus} first", ""]
     for i in ranked[:examples]:
         lines.append(f"**{generations[focus][i]['source']}**  ")
@@ -141,7 +147,8 @@ def render_report(
 
 
 def _num(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    """Four decimals for every float (a loss of 2.0002 is not 2), integers as they are."""
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def _code(text: str) -> str:
@@ -152,6 +159,13 @@ def _code(text: str) -> str:
 
 def main(params: Params) -> None:
     rows = test_rows(params)
+    references = [row["messages"][-1]["content"] for row in rows]
+    if "field_f1" in params.eval.metrics and not any(FIELD_SEPARATOR in r for r in references):
+        print(
+            f"eval: field_f1 scores `kind | key: value` records (the demo's); no reference here "
+            f"has a {FIELD_SEPARATOR.strip()!r} field, so it only repeats exact_match: drop it "
+            "from eval.metrics"
+        )
     metrics: dict[str, dict[str, float]] = {}
     generations: dict[str, list[dict[str, Any]]] = {}
     for name in params.eval.models:

@@ -17,14 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorapipe.datasource import RawRecord, read_source
+from lorapipe.datasource import RawRecord, check_tracked, read_source
 from lorapipe.errors import LorapipeError
 from lorapipe.io import atomic_dir, atomic_write_json, atomic_write_jsonl
 from lorapipe.params import DataParams, Params, PreprocessParams, RatioLimit
+from lorapipe.schema import ROLES, control_character, role_problem
 
 PARAMS = ("data", "preprocess")
-
-ROLES = ("system", "user", "assistant")
 
 
 class PreprocessError(LorapipeError):
@@ -37,6 +36,8 @@ class Outcome:
     rejected: list[dict[str, Any]] = field(default_factory=list)
     quarantined: list[dict[str, Any]] = field(default_factory=list)
     stripped: Counter[str] = field(default_factory=Counter)
+    system_prompt_added: int = 0  # rows given data.system_prompt as their system turn
+    kept_fields: Counter[str] = field(default_factory=Counter)  # rows carrying each keep_field
 
     def metrics(self) -> dict[str, Any]:
         def by_reason(rows: list[dict[str, Any]]) -> dict[str, int]:
@@ -50,6 +51,8 @@ class Outcome:
             "rejected_by_reason": by_reason(self.rejected),
             "quarantined_by_reason": by_reason(self.quarantined),
             "artifacts_stripped": dict(sorted(self.stripped.items())),
+            "system_prompt_added": self.system_prompt_added,
+            "keep_fields_found": dict(sorted(self.kept_fields.items())),
         }
 
 
@@ -75,7 +78,7 @@ def preprocess(
         try:
             if record.error is not None or record.value is None:
                 raise Malformed(_reason_of(record.error), record.error or "unreadable")
-            row = normalize(record.value, data)
+            row, added = normalize(record.value, data)
         except Malformed as exc:
             if params.on_error == "raise":
                 raise PreprocessError(
@@ -91,7 +94,10 @@ def preprocess(
                 }
             )
             continue
-        row["meta"] = {"source": record.where, **_kept_fields(record.value, data)}
+        kept = _kept_fields(record.value, data)
+        outcome.kept_fields.update(kept.keys())
+        outcome.system_prompt_added += added
+        row["meta"] = {"source": record.where, **kept}
         if _strip_artifacts(row, patterns, outcome.stripped):
             outcome.rejected.append(
                 _rejection(
@@ -120,42 +126,61 @@ def preprocess(
     return outcome
 
 
-def normalize(value: dict[str, Any], data: DataParams) -> dict[str, Any]:
-    """One raw record -> lorapipe's schema; Malformed if it does not fit `data.format`."""
+def normalize(value: dict[str, Any], data: DataParams) -> tuple[dict[str, Any], bool]:
+    """One raw record -> lorapipe's schema, and whether data.system_prompt was added to it;
+    Malformed if it does not fit `data.format`."""
     fields = data.fields
     if data.format == "text":
-        return {"text": _text_field(value, fields.text)}
-    system = data.system_prompt
+        return {"text": _text_field(value, "text", fields.text)}, False
+    system, default = data.system_prompt, True
     if fields.system is not None and fields.system in value:
-        system = _text_field(value, fields.system)
+        system, default = _text_field(value, "system", fields.system), False
     if data.format == "completions":
-        prompt = _text_field(value, fields.prompt)
-        completion = _text_field(value, fields.completion)
+        prompt = _text_field(value, "prompt", fields.prompt)
+        completion = _text_field(value, "completion", fields.completion)
         messages = [
             {"role": "user", "content": data.prompt_template.replace("{prompt}", prompt)},
             {"role": "assistant", "content": completion},
         ]
     else:
         messages = _messages_field(value, fields.messages)
+    added = False
     if system is not None and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system})
-    return {"messages": messages}
+        added = True
+    row = {"messages": messages}
+    problem = role_problem(row)
+    if problem is not None:
+        raise Malformed("role_order", problem)
+    return row, added and default
 
 
-def _text_field(value: dict[str, Any], name: str) -> str:
+def _missing(value: dict[str, Any], field: str, name: str) -> Malformed:
+    """The error for a column that is not there: which param names it, and what the row has."""
+    return Malformed(
+        "missing_field",
+        f"field '{name}' (data.fields.{field}) is missing; the row has: "
+        f"{', '.join(map(str, value)) or 'no fields'}",
+    )
+
+
+def _text_field(value: dict[str, Any], field: str, name: str) -> str:
     if name not in value:
-        raise Malformed("missing_field", f"field '{name}' is missing")
+        raise _missing(value, field, name)
     text = value[name]
     if not isinstance(text, str):
         raise Malformed("wrong_type", f"field '{name}' must be a string, got {type(text).__name__}")
     if not text.strip():
         raise Malformed("empty_field", f"field '{name}' is empty")
+    control = control_character(text)
+    if control is not None:
+        raise Malformed("control_character", f"field '{name}' has {control}")
     return text
 
 
 def _messages_field(value: dict[str, Any], name: str) -> list[dict[str, str]]:
     if name not in value:
-        raise Malformed("missing_field", f"field '{name}' is missing")
+        raise _missing(value, "messages", name)
     messages = value[name]
     if not isinstance(messages, list) or not messages:
         raise Malformed("wrong_type", f"field '{name}' must be a non-empty list of messages")
@@ -172,6 +197,9 @@ def _messages_field(value: dict[str, Any], name: str) -> list[dict[str, str]]:
             raise Malformed("wrong_type", f"{name}[{i}].content must be a string")
         if not content.strip():
             raise Malformed("empty_field", f"{name}[{i}].content is empty")
+        control = control_character(content)
+        if control is not None:
+            raise Malformed("control_character", f"{name}[{i}].content has {control}")
         out.append({"role": role, "content": content})
     return out
 
@@ -242,6 +270,7 @@ def _reason_of(error: str | None) -> str:
         ("invalid JSON", "invalid_json"),
         ("expected a JSON object", "not_object"),
         ("wrong number of columns", "bad_csv_row"),
+        ("duplicate key", "duplicate_key"),
     ):
         if error.startswith(prefix):
             return reason
@@ -251,14 +280,17 @@ def _reason_of(error: str | None) -> str:
 def main(params: Params) -> None:
     from lorapipe.tokens import BaseTokenizer
 
+    check_tracked(params.data.source, params.paths.raw)
     tokenizer = BaseTokenizer(params.paths.base)
     outcome = preprocess(read_source(params.data), params.data, params.preprocess, tokenizer.count)
     if not outcome.kept:
         m = outcome.metrics()
+        first = (outcome.quarantined or outcome.rejected or [{}])[0]
+        example = f"; the first: {first['source']}: {first['detail']}" if first else ""
         raise PreprocessError(
             f"preprocess: no rows left of {m['rows_in']} (rejected: {m['rejected_by_reason']}, "
-            f"quarantined: {m['quarantined_by_reason']}); check data.format and data.fields, or "
-            "loosen preprocess.ratio_limits"
+            f"quarantined: {m['quarantined_by_reason']}){example}; check data.format "
+            f"({params.data.format}) and data.fields, or loosen preprocess.ratio_limits"
         )
     with atomic_dir(Path(params.paths.preprocessed)) as out:
         atomic_write_jsonl(out / "rows.jsonl", outcome.kept)
@@ -270,3 +302,12 @@ def main(params: Params) -> None:
         f"preprocess: {metrics['rows_in']} rows in -> {metrics['kept']} kept, "
         f"{metrics['rejected']} rejected, {metrics['quarantined']} quarantined"
     )
+    # Settings that change rows without a row being set aside: said, never silent.
+    if outcome.system_prompt_added:
+        print(
+            f"preprocess: data.system_prompt {params.data.system_prompt!r} added as the system "
+            f"turn of {outcome.system_prompt_added} rows"
+        )
+    for name in params.data.keep_fields:
+        if not outcome.kept_fields[name]:
+            print(f"preprocess: data.keep_fields: no row has a '{name}' column")

@@ -25,6 +25,7 @@ from lorapipe.io import (
     read_jsonl,
 )
 from lorapipe.params import SPLITS, Params, SanitizeParams
+from lorapipe.schema import role_problem
 
 PARAMS = ("sanitize",)
 
@@ -60,35 +61,6 @@ class SplitReport:
             "rows_with_pii": self.pii_rows,
             "tokens": _stats(self.lengths),
         }
-
-
-def role_problem(row: dict[str, Any]) -> str | None:
-    """Why a row's messages are not a trainable conversation, or None.
-
-    Allowed: an optional system message, then user/assistant turns alternating, starting with
-    the user and ending with the assistant (the answer training learns).
-    """
-    if "text" in row:
-        return None if isinstance(row["text"], str) and row["text"].strip() else "empty text"
-    messages = row.get("messages")
-    if not isinstance(messages, list) or not messages:
-        return "no messages"
-    roles = [m.get("role") for m in messages if isinstance(m, dict)]
-    if len(roles) != len(messages):
-        return "a message is not an object"
-    if roles[0] == "system":
-        roles = roles[1:]
-    if not roles:
-        return "only a system message"
-    for i, role in enumerate(roles):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if role != expected:
-            return f"turn {i + 1} is {role!r}, expected {expected!r} (user and assistant alternate)"
-    if roles[-1] != "assistant":
-        return "the last message is not the assistant's answer"
-    if any(not isinstance(m.get("content"), str) or not m["content"].strip() for m in messages):
-        return "a message has empty content"
-    return None
 
 
 def sanitize_split(
@@ -181,7 +153,7 @@ def _stats(lengths: list[int]) -> dict[str, float]:
     p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
     return {
         "min": ordered[0],
-        "median": statistics.median(ordered),
+        "median": statistics.median_low(ordered),  # a row's length, like min and max
         "p95": p95,
         "max": ordered[-1],
         "total": sum(ordered),

@@ -124,8 +124,10 @@ def _stratum(row: dict[str, Any], field_name: str | None) -> str:
     value = row["meta"].get(field_name)
     if value is None:
         raise SplitError(
-            f"split.stratify: {row['meta']['source']} has no '{field_name}'; add it to "
-            "data.keep_fields and to every row, or set split.stratify: null"
+            f"split.stratify: {field_name!r}, but {row['meta']['source']} has no "
+            f"'{field_name}' (stratify needs a column of every row, listed in data.keep_fields; "
+            "`kind` is the demo's); set split.stratify: null for your data (`lorapipe use-data` "
+            "does), or add the column"
         )
     return str(value)
 
