@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -81,26 +82,56 @@ def make_project(project: Path, tiny_model_dir: Path) -> Path:
 # --- running lorapipe -----------------------------------------------------------------------------
 
 
-def start(project: Path, *args: str) -> subprocess.Popen[str]:
-    """`lorapipe ARGS` (default: train) in `project`, started and not waited for."""
+def start(project: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """`lorapipe ARGS` (default: train) in `project`, started and not waited for; `env` adds
+    environment variables (LORAPIPE_PROCESSES=2: two data-parallel processes)."""
     return subprocess.Popen(
         [sys.executable, "-m", "lorapipe.cli", *(args or ("train",))],
         cwd=project,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
 
 
-def cli(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    proc = start(project, *args)
+def cli(
+    project: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    proc = start(project, *args, env=env)
     out, err = proc.communicate(timeout=600)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def train(project: Path) -> subprocess.CompletedProcess[str]:
     return cli(project, "train")
+
+
+def wait_for_checkpoint(project: Path, proc: subprocess.Popen[str], step: int) -> None:
+    """Wait until the run in `project` has saved a checkpoint at `step` or later."""
+    latest = project / "models" / "checkpoints" / "latest.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if latest.is_file() and json.loads(latest.read_text())["step"] >= step:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.002)
+    raise AssertionError("no checkpoint in time")
+
+
+def outcome(project: Path) -> tuple[dict[str, Any], list[str], list[str]]:
+    """A finished run's adapter arrays, and its train and validation loss rows (step, value)."""
+    import mlx.core as mx
+
+    adapters = mx.load(str(project / "models" / "adapters" / "adapters.safetensors"))
+    log = project / "dvclive" / "train" / "plots" / "metrics"
+    losses = [
+        (log / "train" / "loss.tsv").read_text().splitlines(),
+        (log / "val" / "loss.tsv").read_text().splitlines(),
+    ]
+    # Drop the timestamp column: only steps and values must match.
+    train_loss, val_loss = ([line.split("\t")[-2:] for line in rows] for rows in losses)
+    return adapters, train_loss, val_loss
 
 
 # --- running dvc and git ------------------------------------------------------------------------

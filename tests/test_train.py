@@ -5,44 +5,26 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.helpers import ITERS, REPO, make_project, make_rows, set_params, start, train
+from tests.helpers import (
+    ITERS,
+    REPO,
+    make_project,
+    make_rows,
+    outcome,
+    set_params,
+    start,
+    train,
+    wait_for_checkpoint,
+)
 
 
 @pytest.fixture
 def train_project(tmp_path: Path, tiny_model_dir: Path) -> Path:
     return make_project(tmp_path / "project", tiny_model_dir)
-
-
-def wait_for_checkpoint(project: Path, proc: subprocess.Popen[str], step: int) -> None:
-    latest = project / "models" / "checkpoints" / "latest.json"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if latest.is_file() and json.loads(latest.read_text())["step"] >= step:
-            return
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.002)
-    raise AssertionError("no checkpoint in time")
-
-
-def outcome(project: Path) -> tuple[dict[str, Any], list[str], list[str]]:
-    import mlx.core as mx
-
-    adapters = mx.load(str(project / "models" / "adapters" / "adapters.safetensors"))
-    log = project / "dvclive" / "train" / "plots" / "metrics"
-    losses = [
-        (log / "train" / "loss.tsv").read_text().splitlines(),
-        (log / "val" / "loss.tsv").read_text().splitlines(),
-    ]
-    # Drop the timestamp column: only steps and values must match.
-    train_loss, val_loss = ([line.split("\t")[-2:] for line in rows] for rows in losses)
-    return adapters, train_loss, val_loss
 
 
 def assert_same_run(a: Path, b: Path) -> None:

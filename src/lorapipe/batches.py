@@ -117,15 +117,30 @@ class Batches:
 
 
 def make_batches(
-    examples: list[Example], batch_size: int, pad_to: int = PAD_TO, every_row: bool = False
+    examples: list[Example],
+    batch_size: int,
+    pad_to: int = PAD_TO,
+    every_row: bool = False,
+    rank: int = 0,
+    ranks: int = 1,
 ) -> Batches:
     """Length-sorted batches of `batch_size` rows. Training leaves out the last partial batch
-    (every step the same size); `every_row` keeps it, for losses that must cover a whole split."""
+    (every step the same size); `every_row` keeps it, for losses that must cover a whole split.
+
+    With several processes (data parallel), process `rank` of `ranks` gets its share of each
+    batch: the same batches in the same order everywhere, each cut into `ranks` consecutive
+    parts of its rows. `real` still counts the whole batch (what tokens/s counts); a part left
+    empty (the last partial batch of `every_row`) is left out, which only ever ends the list.
+    """
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i].tokens), i))
     last = len(order) if every_row else len(order) - batch_size + 1
     groups = [order[i : i + batch_size] for i in range(0, last, batch_size)]
     batches = Batches([], [], [])
-    for group in groups:
+    for whole in groups:
+        share = math.ceil(len(whole) / ranks)
+        group = whole[rank * share : (rank + 1) * share]
+        if not group:
+            continue
         longest = max(len(examples[i].tokens) for i in group)
         # inputs are tokens[:, :-1]: make that a multiple of pad_to
         width = 1 + pad_to * math.ceil((longest - 1) / pad_to)
@@ -135,7 +150,7 @@ def make_batches(
             n = len(examples[i].tokens)
             tokens[row, :n] = examples[i].tokens
             targets[row, :n] = examples[i].targets
-        batches.real.append(sum(len(examples[i].tokens) for i in group))
+        batches.real.append(sum(len(examples[i].tokens) for i in whole))
         batches.tokens.append(tokens)
         batches.targets.append(targets)
     batches.positions = learned_positions(batches.targets)

@@ -208,6 +208,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "train":
+        return _main(args)
+    from lorapipe import launch
+
+    try:
+        command = launch.launch_command(sys.argv[1:] if argv is None else argv, dict(os.environ))
+        if command is not None:  # several processes, through mlx.launch
+            from lorapipe.params import load_params
+
+            return launch.run(command, load_params(args.params).paths.checkpoints)
+    except LorapipeError as exc:
+        print(f"lorapipe train: error: {exc}", file=sys.stderr)
+        return 1
+    code = 1  # what a process that raises reports
+    try:
+        code = _main(args)
+    finally:
+        launch.report_status(code, dict(os.environ))
+    return code
+
+
+def _main(args: argparse.Namespace) -> int:
     # transformers warns that PyTorch is missing (MLX needs none) and about long rows that the
     # data stages measure on purpose; keep the output to what users act on.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

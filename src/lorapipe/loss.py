@@ -63,8 +63,9 @@ def masked_loss(model: Any, tokens: Any, targets: Any, positions: Any = None) ->
     return ce.astype(mx.float32).sum() / mx.maximum(count, 1), count
 
 
-def dataset_loss(model: Any, batches: Batches, max_batches: int = -1) -> float:
-    """Mean loss per target token over `batches` (the first `max_batches`; -1: all)."""
+def dataset_loss(model: Any, batches: Batches, max_batches: int = -1, group: Any = None) -> float:
+    """Mean loss per target token over `batches` (the first `max_batches`; -1: all). With a
+    distributed `group` whose processes each hold a share of every batch, over all the shares."""
     import mlx.core as mx
 
     total, count = mx.array(0.0), mx.array(0.0)
@@ -73,4 +74,7 @@ def dataset_loss(model: Any, batches: Batches, max_batches: int = -1) -> float:
         loss, n = masked_loss(model, *batches.arrays(i))
         total, count = total + loss * n, count + n
         mx.eval(total, count)
+    if group is not None and group.size() > 1:
+        total = mx.distributed.all_sum(total, group=group, stream=mx.cpu)
+        count = mx.distributed.all_sum(count, group=group, stream=mx.cpu)
     return float((total / mx.maximum(count, 1)).item())

@@ -84,5 +84,11 @@ class Recorder:
     def say(self, line: str) -> None:
         self.said.append(line)
 
+    def replay(self, history: list[dict[str, Any]]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
     def train_records(self) -> list[dict[str, Any]]:
         return [r for r in self.records if "train_loss" in r]

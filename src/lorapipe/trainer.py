@@ -159,14 +159,19 @@ class Schedule:
 
 class StopRequest:
     """Turns Ctrl-C / SIGTERM into a flag the loop checks between steps (a second Ctrl-C quits
-    at once), so a checkpoint is never written from the middle of an update."""
+    at once), so a checkpoint is never written from the middle of an update.
 
-    def __init__(self) -> None:
+    With several processes only Ctrl-C is caught: mlx.launch sends SIGTERM to the others when
+    one process dies, and they, waiting in a collective for the dead one, could never reach a
+    step's end; they end at once instead (the last checkpoint is kept)."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)):
         self.requested: str | None = None
+        self.signals = signals
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -208,9 +213,16 @@ class TrainingRun:
         checkpoints: Path,
         fingerprint: str,
         tracker: Reporter,
+        world: Any = None,
     ) -> None:
+        import mlx.core as mx
+
         from lorapipe import fast
 
+        # The processes training together (data parallel; mx.distributed.init() is a group of
+        # one unless started through mlx.launch). Each holds a share of every batch.
+        self.world = world if world is not None else mx.distributed.init()
+        self.writes = self.world.rank() == 0  # only rank 0 writes checkpoints
         self.model, self.optimizer, self.train, self.seed = model, optimizer, train, seed
         self.train_batches, self.valid_batches = train_batches, valid_batches
         self.schedule = Schedule.of(train, total_steps)
@@ -241,9 +253,10 @@ class TrainingRun:
         update: traced once per batch shape, with the model, optimizer and RNG as state."""
         import mlx.core as mx
         import mlx.nn as nn
+        from mlx.nn.utils import average_gradients
 
-        model, layout, train = self.model, self.layout, self.train
-        accumulate = train.grad_accumulation_steps
+        model, layout, train, world = self.model, self.layout, self.train, self.world
+        accumulate, ranks = train.grad_accumulation_steps, world.size()
         loss_and_grad = nn.value_and_grad(model, masked_loss)
         self.compiled_state = [model.state, self.optimizer.state, mx.random.state, layout.state]
 
@@ -251,6 +264,15 @@ class TrainingRun:
         def step(tokens: Any, targets: Any, positions: Any, previous: Any, update: bool) -> Any:
             (loss, count), grad = loss_and_grad(model, tokens, targets, positions)
             grad = layout.gradient(grad)
+            if ranks > 1:
+                # This process's mean gradient, weighed by its share of the batch's learned
+                # tokens: the average over the processes is the whole batch's mean gradient,
+                # the one a single process computes.
+                total = mx.distributed.all_sum(count, group=world)
+                grad = layout.scale(grad, count * ranks / mx.maximum(total, 1))
+                grad = average_gradients(grad, group=world)
+                loss = mx.distributed.all_sum(loss * count, group=world) / mx.maximum(total, 1)
+                count = total
             if previous is not None:
                 grad = layout.add(grad, previous)
             # One pass over the gradients feeds both the NaN guard and clipping.
@@ -338,7 +360,7 @@ class TrainingRun:
         """Validation loss, the best adapter so far; True when early stopping's patience is out."""
         state, train = self.state, self.train
         self.model.eval()
-        val_loss = dataset_loss(self.model, self.valid_batches, train.val_batches)
+        val_loss = dataset_loss(self.model, self.valid_batches, train.val_batches, self.world)
         self.model.train()
         record = {"step": state.step, "val_loss": val_loss}
         state.history.append(record)
@@ -353,7 +375,8 @@ class TrainingRun:
         ):
             state.best_val_loss, state.best_step = val_loss, state.step
             state.evals_without_improvement = 0
-            save_best(self.checkpoints, self.layout.parameters())
+            if self.writes:
+                save_best(self.checkpoints, self.layout.parameters())
         else:
             state.evals_without_improvement += 1
         patience = train.early_stopping_patience
@@ -366,6 +389,8 @@ class TrainingRun:
         return True
 
     def save(self) -> None:
+        if not self.writes:
+            return
         parameters, optimizer_state = self.layout.parameters(), self.layout.optimizer_state()
         save_checkpoint(self.checkpoints, parameters, optimizer_state, self.state, self.fingerprint)
 
@@ -381,7 +406,7 @@ def train_loop(run: TrainingRun) -> LoopState:
         memory_limit(run.train.memory_limit_gb),
         fast_training(run.model),
         closing(run.layout),
-        StopRequest() as stop,
+        StopRequest((signal.SIGINT,)) if run.world.size() > 1 else StopRequest() as stop,
     ):
         if state.step == 0:
             run.evaluate()  # the loss before training: the curve's first point

@@ -89,13 +89,22 @@ def main(params: Params) -> None:
 
     from lorapipe.fast import check_mlx_lm, checkpoint_blocks, fast_training
     from lorapipe.provenance import run_record
-    from lorapipe.tracking import Tracker
+    from lorapipe.tracking import Recorder, Tracker
 
     check_mlx_lm()
     paths, train = params.paths, params.train
     base, split_dir = Path(paths.base), Path(paths.sanitized)
     if not (base / "config.json").is_file():
         raise TrainError(f"{base}: not found; run `dvc repro base` (it makes {base})")
+    # Data parallel (lorapipe.launch): every process trains on its share of each batch; only
+    # rank 0 writes. A group of one when started as one process.
+    world = mx.distributed.init()
+    rank, ranks = world.rank(), world.size()
+    if train.batch_size % ranks:
+        raise TrainError(
+            f"train.batch_size: {train.batch_size} rows cannot be shared by {ranks} processes; "
+            f"use a multiple of {ranks} (the batch is global: each process takes its share)"
+        )
     mx.random.seed(params.seed)
     model, tokenizer = load(str(base))[:2]
     num_layers = attach_adapters(model, params.lora)
@@ -104,8 +113,8 @@ def main(params: Params) -> None:
         for name in ("train", "valid")
     }
     check_splits(splits, train)
-    train_batches = make_batches(splits["train"], train.batch_size)
-    valid_batches = make_batches(splits["valid"], train.batch_size)
+    train_batches = make_batches(splits["train"], train.batch_size, rank=rank, ranks=ranks)
+    valid_batches = make_batches(splits["valid"], train.batch_size, rank=rank, ranks=ranks)
     total_steps = train.iters or math.ceil((train.epochs or 1) * len(train_batches))
 
     checkpoints = Path(paths.checkpoints)
@@ -116,14 +125,19 @@ def main(params: Params) -> None:
     optimizer = make_optimizer(train, total_steps)
     resume_from, decision = load_checkpoint(checkpoints, fp)
     if resume_from is None:
-        clear_checkpoints(checkpoints)
+        if rank == 0:
+            clear_checkpoints(checkpoints)
         state = LoopState()
     else:
         state = restore(resume_from, model, optimizer)
 
     trainable = sum(int(v.size) for _, v in tree_flatten(model.trainable_parameters()))
-    tracker = Tracker(Path(paths.train_log), checkpoints / "train.log", total_steps)
-    tracker.say(decision)
+    tracker = (
+        Tracker(Path(paths.train_log), checkpoints / "train.log", total_steps)
+        if rank == 0
+        else Recorder()  # the others report nothing: rank 0 speaks for the run
+    )
+    tracker.say(decision if ranks == 1 else f"{decision}; {ranks} processes")
     tracker.say(
         f"{params.lora.fine_tune_type}: {trainable / 1e6:.2f}M trainable parameters in "
         f"{num_layers} blocks; {len(splits['train'])} train / {len(splits['valid'])} valid rows; "
@@ -152,6 +166,7 @@ def main(params: Params) -> None:
             checkpoints,
             fp,
             tracker,
+            world,
         )
         state = train_loop(run)
     except (RuntimeError, MemoryError) as exc:
@@ -165,6 +180,8 @@ def main(params: Params) -> None:
     finally:
         tracker.close()
 
+    if rank != 0:
+        return
     best = checkpoints / BEST_ADAPTER
     with atomic_dir(Path(paths.adapters)) as out:
         if train.keep == "best" and best.is_file():
