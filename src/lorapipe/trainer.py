@@ -242,11 +242,12 @@ class TrainingRun:
         total_steps: int,
         checkpoints: Path,
         tracker: Reporter,
+        world: Any = None,
     ) -> TrainingRun:
         """A run from step 0 that also validates on its training batches (benches, tests)."""
         optimizer, state = make_optimizer(train, total_steps), LoopState()
         args = (batches, batches, train, seed, total_steps, state, checkpoints, "fresh", tracker)
-        return cls(model, optimizer, *args)
+        return cls(model, optimizer, *args, world)
 
     def _compile_step(self) -> Any:
         """One batch's forward and backward pass and, at the end of an accumulation, the
