@@ -75,6 +75,6 @@ def dataset_loss(model: Any, batches: Batches, max_batches: int = -1, group: Any
         total, count = total + loss * n, count + n
         mx.eval(total, count)
     if group is not None and group.size() > 1:
-        total = mx.distributed.all_sum(total, group=group, stream=mx.cpu)
-        count = mx.distributed.all_sum(count, group=group, stream=mx.cpu)
+        total = mx.distributed.all_sum(total, group=group)
+        count = mx.distributed.all_sum(count, group=group)
     return float((total / mx.maximum(count, 1)).item())

@@ -26,6 +26,9 @@ from lorapipe.loss import dataset_loss, masked_loss
 from lorapipe.memory import memory_limit
 from lorapipe.params import LoraParams, TrainParams
 
+# average_gradients' group size: larger than any gradient, so one collective a step.
+ONE_COLLECTIVE = 1 << 60
+
 
 class TrainError(LorapipeError):
     """Training cannot start or cannot go on."""
@@ -266,14 +269,15 @@ class TrainingRun:
             (loss, count), grad = loss_and_grad(model, tokens, targets, positions)
             grad = layout.gradient(grad)
             if ranks > 1:
-                # This process's mean gradient, weighed by its share of the batch's learned
-                # tokens: the average over the processes is the whole batch's mean gradient,
-                # the one a single process computes.
-                total = mx.distributed.all_sum(count, group=world)
-                grad = layout.scale(grad, count * ranks / mx.maximum(total, 1))
-                grad = average_gradients(grad, group=world)
-                loss = mx.distributed.all_sum(loss * count, group=world) / mx.maximum(total, 1)
-                count = total
+                # This process's gradient and loss weighed by its learned tokens, and their
+                # count, averaged over the processes in one collective (MLX's
+                # average_gradients, one group): divided by the mean count, they are the whole
+                # batch's mean gradient and loss, the ones a single process computes.
+                weighed = {"grad": layout.scale(grad, count), "count": count, "loss": loss * count}
+                mean = average_gradients(weighed, group=world, all_reduce_size=ONE_COLLECTIVE)
+                per_token = 1 / mx.maximum(mean["count"], 1e-6)
+                grad = layout.scale(mean["grad"], per_token)
+                loss, count = mean["loss"] * per_token, mean["count"] * ranks
             if previous is not None:
                 grad = layout.add(grad, previous)
             # One pass over the gradients feeds both the NaN guard and clipping.
