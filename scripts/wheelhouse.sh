@@ -44,7 +44,7 @@ grep -v '^\s*$' "$dir/requirements.txt" | while read -r requirement; do
   || python3 -m pip wheel -q --no-deps -w "$dir" "${requirement%%;*}" \
   || { echo "wheelhouse: no wheel for $requirement" >&2; exit 1; }
 done
-# lorapipe's build backend, for the editable install (`pip install -e .`) offline.
+# lorapipe's build backend and its editable-install helper, for `pip install -e .` offline.
 python3 -m pip download -q --only-binary=:all: --python-version "$python" --implementation cp \
-  "$@" --platform any -d "$dir" hatchling
+  "$@" --platform any -d "$dir" hatchling editables
 echo "wheelhouse: $(ls "$dir"/*.whl | wc -l) wheels, $(du -sh "$dir" | cut -f1) in $dir"
