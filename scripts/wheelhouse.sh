@@ -23,7 +23,7 @@ case "$backend" in
 esac
 # shellcheck disable=SC2086  # $groups is several arguments
 "$UV" export --locked --no-hashes --no-emit-project --no-annotate --no-header $groups \
-  --format requirements-txt --python "$python" > "$dir/requirements.txt.all"
+  --format requirements-txt > "$dir/requirements.txt.all"
 if [ "$backend" = cuda ]; then
   grep -v '^nvidia-' "$dir/requirements.txt.all" > "$dir/requirements.txt"
 else
