@@ -24,11 +24,33 @@ esac
 # shellcheck disable=SC2086  # $groups is several arguments
 "$UV" export --locked --no-hashes --no-emit-project --no-annotate --no-header $groups \
   --format requirements-txt > "$dir/requirements.txt.all"
-if [ "$backend" = cuda ]; then
-  grep -v '^nvidia-' "$dir/requirements.txt.all" > "$dir/requirements.txt"
-else
-  cp "$dir/requirements.txt.all" "$dir/requirements.txt"
-fi
+# The lock is universal: keep the pins whose markers hold on the target (its Python and
+# platform, not this machine's), without markers; with cuda, without nvidia-*.
+python3 - "$dir/requirements.txt.all" "$python" "${platform:-manylinux_x86_64}" "$backend" \
+  > "$dir/requirements.txt" <<'PY'
+import sys
+from pip._vendor.packaging.requirements import Requirement
+
+lines, python, platform, backend = sys.argv[1:]
+mac = platform.startswith("macosx")
+machine = "arm64" if platform.endswith("arm64") else "aarch64" if "aarch64" in platform else "x86_64"
+target = {
+    "python_version": python, "python_full_version": f"{python}.0",
+    "sys_platform": "darwin" if mac else "linux", "platform_system": "Darwin" if mac else "Linux",
+    "platform_machine": machine, "os_name": "posix", "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+}
+for line in open(lines):
+    line = line.strip()
+    if not line or line.startswith(("#", "-")):
+        continue
+    requirement = Requirement(line)
+    if requirement.marker is not None and not requirement.marker.evaluate(target):
+        continue
+    if backend == "cuda" and requirement.name.startswith("nvidia-"):
+        continue  # the machine's own CUDA libraries serve
+    print(f"{requirement.name}{requirement.specifier}")
+PY
 rm "$dir/requirements.txt.all"
 if [ -z "$platform" ]; then
   set -- --platform manylinux_2_39_x86_64 --platform manylinux_2_35_x86_64 \
