@@ -189,3 +189,21 @@ def test_generate_passes_over_a_quantized_model_that_quantizing_made_worse(
     lenient = cli(project, "generate", "Please meet Alice on day 3 about item 7.")
     assert "[lorapipe] model: quantized (models/quantized)" in lenient.stderr
     assert "passed over" not in lenient.stderr
+
+
+def test_fuse_checks_a_bfloat16_model_at_bfloat16_precision(trained: Path, tmp_path: Path) -> None:
+    """bfloat16 rounds at 2^-8: a correct fuse differs from base + adapter by more than
+    fuse.logits_rtol's 1e-3 there (as float32 does on CUDA, in TF32); the check allows the
+    arithmetic's rounding and still requires the same greedy tokens."""
+    import mlx.core as mx
+
+    project = tmp_path / "bf16"
+    shutil.copytree(trained, project, ignore=shutil.ignore_patterns("fused", "quantized"))
+    for weights in (project / "models" / "base").glob("*.safetensors"):
+        arrays = mx.load(str(weights))
+        mx.save_safetensors(str(weights), {k: v.astype(mx.bfloat16) for k, v in arrays.items()})
+    result = cli(project, "fuse")
+    assert result.returncode == 0, result.stderr
+    check = json.loads((project / "metrics" / "fuse.json").read_text())
+    assert check["logits_rtol"] == 8 * 2.0**-8 and check["greedy_agreement"] == 1
+    assert check["max_relative_logit_diff"] > 1e-3, "the float32 tolerance would refuse it"
