@@ -410,6 +410,12 @@ def test_promote_a_winner_and_share_experiments_through_git(grid: Grid, tmp_path
     dvc_ok(other, "exp", "pull", "origin", winner)
     pulled = by_name(other)[winner]
     assert pulled.metrics == rows[winner].metrics and pulled.params == rows[winner].params
-    dvc_ok(other, "exp", "apply", winner)
+    # The raw-text data folders are never pushed (push: false): `dvc exp apply` applies the
+    # run and every output the remote has, then names those two as missing.
+    applied = dvc(other, "exp", "apply", winner)
+    missing = applied.stderr.split("Checkout failed for following targets:")[-1]
+    assert applied.returncode != 0 and "data/split" in missing and "data/preprocessed" in missing
+    assert "models/" not in missing
     for out in ("models/adapters", "models/quantized"):
         assert tree_digest(other / out) == tree_digest(project / out), out
+    assert ran_stages(dvc_ok(other, "repro")) == ["preprocess", "split"]  # remade from data/raw
