@@ -97,6 +97,34 @@ def test_eval_scores_every_model_and_writes_the_report(trained: Path) -> None:
     assert "| exact_match |" in report and "worst tuned first" in report
 
 
+def test_eval_generates_once_per_prompt_and_scores_the_best_of_its_references(
+    trained: Path, tmp_path: Path
+) -> None:
+    """SciTLDR-like data: one prompt, several reference answers (split keeps them together)."""
+    if not (trained / "models" / "fused").exists():
+        assert cli(trained, "fuse").returncode == 0
+    project = tmp_path / "refs"
+    shutil.copytree(trained, project, ignore=shutil.ignore_patterns("quantized"))
+    test = project / "data" / "sanitized" / "test.jsonl"
+    rows = [json.loads(line) for line in test.read_text().splitlines()]
+    wrong = {
+        **rows[0],
+        "messages": [*rows[0]["messages"][:-1], {"role": "assistant", "content": "x"}],
+    }
+    test.write_text("".join(json.dumps(r) + "\n" for r in [wrong, *rows]))
+    set_params(project, **{"eval.models": ["tuned"], "eval.metrics": ["exact_match", "chrf"]})
+    result = cli(project, "eval")
+    assert result.returncode == 0, result.stderr
+    generations = [json.loads(g) for g in (project / "reports" / "generations.jsonl").open()]
+    assert len(generations) == len(rows)  # 9 rows, 8 distinct prompts
+    first = generations[0]
+    assert first["references"] == 2 and first["source"] == wrong["meta"]["source"]
+    # The best-matching reference is kept: the tuned model's answer is nearer the real one.
+    assert first["reference"] == rows[0]["messages"][-1]["content"]
+    report = (project / "reports" / "eval.md").read_text()
+    assert "9 rows (8 distinct prompts" in report
+
+
 def test_eval_without_a_test_split_names_the_stage(trained: Path, tmp_path: Path) -> None:
     project = tmp_path / "p"
     shutil.copytree(trained, project)

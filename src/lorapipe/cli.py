@@ -207,19 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command != "train":
-        return _main(args)
     from lorapipe import launch
+
+    args = build_parser().parse_args(argv)
+    if args.command not in launch.DISTRIBUTED:
+        return _main(args)
 
     try:
         command = launch.launch_command(sys.argv[1:] if argv is None else argv, dict(os.environ))
         if command is not None:  # several processes, through mlx.launch
             from lorapipe.params import load_params
 
-            return launch.run(command, load_params(args.params).paths.checkpoints)
+            checkpoints = load_params(args.params).paths.checkpoints
+            return launch.run(command, args.command, checkpoints)
     except LorapipeError as exc:
-        print(f"lorapipe train: error: {exc}", file=sys.stderr)
+        print(f"lorapipe {args.command}: error: {exc}", file=sys.stderr)
         return 1
     code = 1  # what a process that raises reports
     try:

@@ -1,11 +1,11 @@
-"""Data-parallel training through MLX's own launcher, with one setting.
+"""Data-parallel training and evaluation through MLX's own launcher, with one setting.
 
 `LORAPIPE_PROCESSES=N` (several processes on this machine: N GPUs, or CPU processes over the
 ring backend) or `LORAPIPE_HOSTFILE=hosts.json` (several machines, a hostfile as
-`mlx.distributed_config` writes it) makes `lorapipe train` start itself again as that many
-processes under `mlx.launch`, so `dvc repro` and `dvc exp run` need nothing else. The process
-count changes the speed, not the result: it is an environment setting, not a param, and DVC
-neither re-runs nor invalidates training when it changes.
+`mlx.distributed_config` writes it) makes `lorapipe train` and `lorapipe eval` start themselves
+again as that many processes under `mlx.launch`, so `dvc repro` and `dvc exp run` need nothing
+else. The process count changes the speed, not the result: it is an environment setting, not a
+param, and DVC neither re-runs nor invalidates a stage when it changes.
 """
 
 from __future__ import annotations
@@ -17,8 +17,12 @@ import sys
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 from lorapipe.errors import LorapipeError
+
+# The stages that share their work among launched processes; the others run as one.
+DISTRIBUTED = ("train", "eval")
 
 
 class LaunchError(LorapipeError):
@@ -74,15 +78,15 @@ def process_count(command: list[str]) -> int:
     return int(command[command.index("-n") + 1])
 
 
-def run(command: list[str], checkpoints: str) -> int:
+def run(command: list[str], stage: str, checkpoints: str) -> int:
     """Run `command` (its processes print as they go) and return 0 only if every process
-    finished; else say which did not, and that the last checkpoint resumes the run."""
+    finished; else say which did not, and how to go on (training: from the last checkpoint)."""
     parent = Path(".dvc/tmp") if Path(".dvc/tmp").is_dir() else None
     with tempfile.TemporaryDirectory(prefix="lorapipe-launch-", dir=parent) as status:
         split = command.index("--")
         command = [*command[:split], "--env", f"{STATUS_DIR}={Path(status).resolve()}",
                    *command[split:]]  # fmt: skip
-        print(f"lorapipe train: {' '.join(command)}", flush=True)
+        print(f"lorapipe {stage}: {' '.join(command)}", flush=True)
         subprocess.run(command, check=False)
         codes = {int(p.stem.split("-")[1]): int(p.read_text()) for p in Path(status).iterdir()}
     expected = process_count(command)
@@ -93,11 +97,13 @@ def run(command: list[str], checkpoints: str) -> int:
         f"process {r} ({'exit code ' + str(codes[r]) if r in codes else 'killed or lost'})"
         for r in failed
     )
-    print(
-        f"lorapipe train: error: {what} of {expected} did not finish; the last checkpoint is "
-        f"kept in {checkpoints}; run `dvc repro train` to resume (with any number of processes)",
-        file=sys.stderr,
+    go_on = (
+        f"the last checkpoint is kept in {checkpoints}; run `dvc repro train` to resume (with "
+        "any number of processes)"
+        if stage == "train"
+        else f"nothing was written; run `dvc repro {stage}` again"
     )
+    print(f"lorapipe {stage}: error: {what} of {expected} did not finish; {go_on}", file=sys.stderr)
     return 1
 
 
@@ -105,3 +111,18 @@ def report_status(code: int, env: dict[str, str]) -> None:
     """In a launched process: leave this process's exit code for `run` to read."""
     if STATUS_DIR in env and "MLX_RANK" in env:
         Path(env[STATUS_DIR], f"rank-{env['MLX_RANK']}").write_text(str(code))
+
+
+def all_gather_json(value: Any, group: Any) -> list[Any]:
+    """Every process's `value` (JSON-able), in rank order, in every process: its UTF-8 bytes
+    padded to the longest, through one MLX all_gather (works across machines)."""
+    import mlx.core as mx
+
+    if group.size() == 1:
+        return [value]
+    data = json.dumps(value).encode()
+    sizes = mx.distributed.all_gather(mx.array([len(data)], mx.int32), group=group).tolist()
+    padded = data.ljust(max(sizes), b" ")
+    gathered = mx.distributed.all_gather(mx.array(list(padded), mx.uint8)[None], group=group)
+    rows = [bytes(row) for row in gathered.tolist()]
+    return [json.loads(row[:size]) for row, size in zip(rows, sizes, strict=True)]
