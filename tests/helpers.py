@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 # --- params.yaml --------------------------------------------------------------------------------
@@ -150,8 +152,9 @@ IDENTITY = {
 def command_env() -> dict[str, str]:
     # The stages call `lorapipe`, installed beside this interpreter. No model hub is reachable
     # in CI: HF_HUB_OFFLINE makes sure nothing even tries. One BLAS thread: the tiny model gains
-    # nothing from more, and two queue workers each spinning several OpenBLAS threads on a
-    # 2-core machine run many times slower.
+    # nothing from more, and processes side by side on a 2-core machine each spinning several
+    # OpenBLAS threads run many times slower. (Queue workers would split the cores themselves:
+    # tests/test_workers.py drops this setting to see them do it.)
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     return {
         **os.environ,
@@ -214,6 +217,66 @@ def tree_digest(root: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
     }
+
+
+# --- the experiments queue --------------------------------------------------------------------
+
+
+def queue(project: Path, *set_params_args: str) -> list[str]:
+    """`dvc exp run --queue -S ...`; the names of the queued experiments."""
+    args = [a for value in set_params_args for a in ("-S", value)]
+    queued = dvc_ok(project, "exp", "run", "--queue", *args)
+    names = re.findall(r"Queued experiment '([^']+)'", queued.stdout + queued.stderr)
+    assert names, queued.stdout + queued.stderr
+    return names
+
+
+def queue_states(status: str) -> dict[str, str]:
+    """`dvc queue status` -> {experiment name: Queued | Running | Success | Failed}."""
+    states = {}
+    for line in status.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[0] != "Task" and not line.startswith("Worker"):
+            states[parts[1]] = parts[-1]
+    return states
+
+
+def run_queue(
+    project: Path,
+    names: list[str],
+    jobs: int = 2,
+    limit_s: float = 900,
+    env: dict[str, str] | None = None,
+) -> None:
+    """`dvc queue start -j N` (in `env`, default command_env()), then wait (bounded) until the
+    named experiments have finished and the workers have exited; fail with each failed run's
+    log."""
+    # The workers are daemons that inherit stdout: hand them a file, not a pipe, or this call
+    # would wait for the whole queue.
+    with (project.parent / f"{project.name}-queue.log").open("a") as log:
+        started = subprocess.run(
+            [sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)],
+            cwd=project,
+            env=command_env() if env is None else env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=120,
+        )
+    assert started.returncode == 0, "dvc queue start failed"
+    deadline = time.monotonic() + limit_s
+    while True:
+        status = dvc_ok(project, "queue", "status").stdout
+        states = queue_states(status)
+        done = all(states.get(n) in ("Success", "Failed") for n in names)
+        if done and "0 active" in status:
+            break
+        if time.monotonic() > deadline:
+            dvc(project, "queue", "kill", *names)
+            dvc(project, "queue", "stop", "--kill")
+            pytest.fail(f"the queue did not finish in {limit_s:.0f} s:\n{status}")
+        time.sleep(3)
+    failed = [n for n in names if states[n] != "Success"]
+    assert not failed, "\n".join(dvc(project, "queue", "logs", n).stdout for n in failed)
 
 
 # --- copies of the repository -------------------------------------------------------------------

@@ -12,7 +12,6 @@ import io
 import json
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,12 +23,13 @@ import yaml
 
 from tests.helpers import (
     BRANCH,
-    command_env,
     commit_all,
     dvc,
     dvc_ok,
     git,
+    queue,
     ran_stages,
+    run_queue,
     tiny_project,
     tree_digest,
 )
@@ -133,59 +133,6 @@ def exp_rows(project: Path) -> list[Row]:
 
 def by_name(project: Path) -> dict[str, Row]:
     return {r.name: r for r in exp_rows(project)}
-
-
-# --- the experiments queue --------------------------------------------------------------------
-
-
-def queue(project: Path, *set_params_args: str) -> list[str]:
-    """`dvc exp run --queue -S ...`; the names of the queued experiments."""
-    args = [a for value in set_params_args for a in ("-S", value)]
-    queued = dvc_ok(project, "exp", "run", "--queue", *args)
-    names = re.findall(r"Queued experiment '([^']+)'", queued.stdout + queued.stderr)
-    assert names, queued.stdout + queued.stderr
-    return names
-
-
-def queue_states(status: str) -> dict[str, str]:
-    """`dvc queue status` -> {experiment name: Queued | Running | Success | Failed}."""
-    states = {}
-    for line in status.splitlines():
-        parts = line.split()
-        if len(parts) >= 4 and parts[0] != "Task" and not line.startswith("Worker"):
-            states[parts[1]] = parts[-1]
-    return states
-
-
-def run_queue(project: Path, names: list[str], jobs: int = 2, limit_s: float = 900) -> None:
-    """`dvc queue start -j N`, then wait (bounded) until the named experiments have finished
-    and the workers have exited; fail with each failed run's log."""
-    # The workers are daemons that inherit stdout: hand them a file, not a pipe, or this call
-    # would wait for the whole queue.
-    with (project.parent / f"{project.name}-queue.log").open("a") as log:
-        started = subprocess.run(
-            [sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)],
-            cwd=project,
-            env=command_env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            timeout=120,
-        )
-    assert started.returncode == 0, "dvc queue start failed"
-    deadline = time.monotonic() + limit_s
-    while True:
-        status = dvc_ok(project, "queue", "status").stdout
-        states = queue_states(status)
-        done = all(states.get(n) in ("Success", "Failed") for n in names)
-        if done and "0 active" in status:
-            break
-        if time.monotonic() > deadline:
-            dvc(project, "queue", "kill", *names)
-            dvc(project, "queue", "stop", "--kill")
-            pytest.fail(f"the queue did not finish in {limit_s:.0f} s:\n{status}")
-        time.sleep(3)
-    failed = [n for n in names if states[n] != "Success"]
-    assert not failed, "\n".join(dvc(project, "queue", "logs", n).stdout for n in failed)
 
 
 # --- fixtures ---------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lorapipe import runtime
+from lorapipe import runtime, workers
 from lorapipe.errors import LorapipeError
 
 
@@ -210,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     from lorapipe import launch
 
     args = build_parser().parse_args(argv)
+    # In a `dvc queue` worker: its own GPU or its share of the cores' BLAS threads, set before
+    # the BLAS or MLX loads and before data-parallel training starts its processes.
+    workers.apply()
     if args.command not in launch.DISTRIBUTED:
         return _main(args)
 

@@ -397,8 +397,8 @@ def _load_user_blas(path: Path, choice: str) -> None:
 
 def _load_lorapipe_openblas() -> None:
     """Load the renamed OpenBLAS copy RTLD_GLOBAL; on any failure, warn once and go on."""
-    # OpenBLAS starts one thread per core unless OPENBLAS_NUM_THREADS is set: left as is, so
-    # the count is chosen the usual way (with N DVC queue workers, cores / N each is kinder).
+    # OpenBLAS starts one thread per core unless OPENBLAS_NUM_THREADS is set (lorapipe.workers
+    # sets it to cores / N in N DVC queue workers).
     try:
         path = _openblas_copy()
         try:
