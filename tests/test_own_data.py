@@ -105,6 +105,12 @@ def test_use_data_then_repro_applies_no_demo_setting(
     params = load_params(own_project / "params.yaml")
     assert params.data.format == expected_format
     assert "field_f1" not in params.eval.metrics and not params.preprocess.ratio_limits
+    # The real-data recipe: one epoch, not the demo's 180 steps.
+    assert (params.train.iters, params.train.epochs) == (None, 1)
+    marked = [
+        line for line in (own_project / "params.yaml").open() if line[0] == " " and "# demo" in line
+    ]
+    assert marked == []  # every demo setting got its generic value
 
 
 def test_use_data_asks_for_the_columns_when_it_cannot_tell(own_project: Path) -> None:
