@@ -249,3 +249,16 @@ def test_describe_reports_backend_device_blas_and_versions(cache: Path) -> None:
         assert info["mlx backend"].startswith("cpu (mlx-cpu ")
         assert info["default device"] == "Device(cpu, 0)"
         assert info["blas"].startswith(runtime.KIND_LORAPIPE)
+
+
+def test_cuda_kernels_are_cached_per_user_and_mlx_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLX's CUDA backend compiles its kernels on first use (a minute of the default pipeline on
+    an H100) into /tmp, which a reboot empties; lorapipe keeps them in the user's cache."""
+    from importlib.metadata import version
+
+    from lorapipe.runtime import ptx_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert ptx_cache_dir() == tmp_path / "lorapipe" / f"mlx-{version('mlx')}-ptx"

@@ -14,7 +14,8 @@ user and reused by later runs without patchelf. `LORAPIPE_BLAS` picks another BL
   bundled         MLX's bundled reference BLAS (benchmarks, debugging)
   /path/lib.so    a library exporting the standard names (libmkl_rt.so, libopenblas.so.0), as is
 
-On macOS (Metal + Accelerate) and with MLX's CUDA backend, setup() changes nothing.
+On macOS (Metal + Accelerate) setup() changes nothing; with MLX's CUDA backend it only points
+MLX's compiled-kernel cache (MLX_PTX_CACHE_DIR, unless set) at the user's cache folder.
 """
 
 from __future__ import annotations
@@ -335,6 +336,8 @@ def setup() -> BlasInfo:
     if _State.done:
         return blas_info()
     choice = os.environ.get(ENV_VAR, "").strip()
+    if _backend()[0] == "cuda" and "MLX_PTX_CACHE_DIR" not in os.environ:
+        os.environ["MLX_PTX_CACHE_DIR"] = str(ptx_cache_dir())
     on_linux_cpu = sys.platform == "linux" and _backend()[0] == "cpu"
     if not on_linux_cpu:
         if choice.lower() not in ("", "auto"):
@@ -460,11 +463,22 @@ def _renames(libmlx: Path, source: Path) -> list[str]:
     return renames
 
 
-def _cache_root() -> Path:
+def _user_cache() -> Path:
     configured = os.environ.get("XDG_CACHE_HOME", "")
     # The XDG spec: a relative XDG_CACHE_HOME is invalid and ignored.
     base = Path(configured) if os.path.isabs(configured) else Path.home() / ".cache"
-    return base / "lorapipe" / "blas"
+    return base / "lorapipe"
+
+
+def _cache_root() -> Path:
+    return _user_cache() / "blas"
+
+
+def ptx_cache_dir() -> Path:
+    """Where MLX's CUDA backend keeps the kernels it compiles (NVRTC) for reuse: per user and MLX
+    version, instead of MLX's default under /tmp, which a reboot empties. The first run on a
+    machine compiles them: about a minute of the default pipeline on an H100 (bench/README.md)."""
+    return _user_cache() / f"mlx-{_version('mlx') or 'unknown'}-ptx"
 
 
 def _cache_key(source: Path, renames: list[str]) -> str:
@@ -612,6 +626,7 @@ def describe() -> dict[str, str]:
         "default device": str(mx.default_device()),
         "blas": str(blas_info()),
         ENV_VAR: os.environ.get(ENV_VAR) or "auto (unset)",
+        **({"kernel cache": os.environ["MLX_PTX_CACHE_DIR"]} if backend == "cuda" else {}),
         **{name: version(name) for name in ("mlx-lm", "dvc", "dvclive", "transformers", "numpy")},
         "lorapipe": version("lorapipe"),
     }
