@@ -69,7 +69,9 @@ STAGES = [
         "`paths.train_log`; `tail -f` the train.log in `paths.checkpoints`). Checkpoints every "
         "`train.save_every` steps and on Ctrl-C; re-running resumes from the last one. A "
         "non-finite loss stops with the last good checkpoint kept. Writes the best (or last) "
-        "adapter to `paths.adapters` (an mlx-lm adapter folder) and metrics/train.json.",
+        "adapter to `paths.adapters` (an mlx-lm adapter folder) and metrics/train.json. "
+        "LORAPIPE_PROCESSES=N (or LORAPIPE_HOSTFILE=hosts.json) in the environment trains as N "
+        "data-parallel processes through mlx.launch, with the same result.",
     ),
     Stage(
         "fuse",
@@ -91,9 +93,10 @@ STAGES = [
         "eval",
         "score base, tuned and quantized models on the test split; write the report",
         "For each of `eval.models`: test loss and perplexity, and batched greedy generations "
-        "scored by `eval.metrics` (exact match, field F1, token F1, chrF, compression ratio). "
-        "Writes metrics/eval.json, reports/eval_scores.json (plots), reports/generations.jsonl "
-        "and reports/eval.md.",
+        "scored by `eval.metrics` (exact match, field F1, token F1, chrF, compression ratio), "
+        "one per distinct prompt, against its best-matching reference. Writes "
+        "metrics/eval.json, reports/eval_scores.json (plots), reports/generations.jsonl and "
+        "reports/eval.md. LORAPIPE_PROCESSES=N shares the prompts among N processes.",
     ),
 ]
 
