@@ -198,8 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read the first records of SOURCE (a file, folder or glob under paths.raw, "
         "data/raw by default), work out data.format and data.fields from its columns, and "
         "write them to params.yaml with every demo setting (marked `# demo` there: the system "
-        "prompt, keep_fields, ratio limits, stratification, the field_f1 metric) set to its "
-        "generic value. Prints every change; comments in params.yaml are kept.",
+        "prompt, keep_fields, ratio limits, stratification, the field_f1 metric, the 180 "
+        "training steps) set to its generic value (training: one epoch). Prints every change; "
+        "comments in params.yaml are kept.",
     )
     use_data.add_argument("source", help="your data under data/raw, e.g. data/raw/mine.jsonl")
     use_data.add_argument("--prompt", metavar="COLUMN", help="the column holding the prompt")

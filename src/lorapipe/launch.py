@@ -117,12 +117,12 @@ def all_gather_json(value: Any, group: Any) -> list[Any]:
     """Every process's `value` (JSON-able), in rank order, in every process: its UTF-8 bytes
     padded to the longest, through one MLX all_gather (works across machines)."""
     import mlx.core as mx
+    import numpy as np
 
     if group.size() == 1:
         return [value]
     data = json.dumps(value).encode()
     sizes = mx.distributed.all_gather(mx.array([len(data)], mx.int32), group=group).tolist()
-    padded = data.ljust(max(sizes), b" ")
-    gathered = mx.distributed.all_gather(mx.array(list(padded), mx.uint8)[None], group=group)
-    rows = [bytes(row) for row in gathered.tolist()]
-    return [json.loads(row[:size]) for row, size in zip(rows, sizes, strict=True)]
+    padded = np.frombuffer(data.ljust(max(sizes), b" "), np.uint8)
+    gathered = np.array(mx.distributed.all_gather(mx.array(padded)[None], group=group))
+    return [json.loads(row[:size].tobytes()) for row, size in zip(gathered, sizes, strict=True)]
