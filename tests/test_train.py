@@ -207,6 +207,19 @@ def test_a_split_loss_covers_every_row(tiny_model_dir: Path) -> None:
     assert dataset_loss(model, every) == pytest.approx(total / count, rel=1e-5)
 
 
+def test_validation_samples_batches_of_every_length() -> None:
+    """`train.val_batches: N` scores N batches spread over the length-sorted split, the same
+    ones every evaluation, not its N shortest."""
+    from lorapipe.loss import spread
+
+    assert spread(72, 16) == spread(72, 16)
+    picked = spread(72, 16)
+    assert len(set(picked)) == 16 and picked == sorted(picked)
+    assert picked[0] < 72 // 16 and picked[-1] >= 72 - 72 // 16  # shortest and longest strata
+    assert spread(10, 10) == spread(10, 50) == spread(10, -1) == list(range(10))
+    assert spread(3, 1) == [1]
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_logits_at_learned_positions_only_keep_the_loss_and_gradients(
     tiny_model_dir: Path, tied: bool

@@ -88,6 +88,9 @@ class Batches:
     # padded with an unlearned index to the same count for every batch of one width (so no more
     # compiled shapes than widths); None where every position is learned.
     positions: list[np.ndarray | None] = field(default_factory=list)
+    # Batches of the whole split, the same in every process (a process's share of the last
+    # partial batch can be empty, and then it holds one fewer).
+    whole: int = 0
 
     @property
     def real_tokens(self) -> int:
@@ -154,6 +157,7 @@ def make_batches(
         batches.tokens.append(tokens)
         batches.targets.append(targets)
     batches.positions = learned_positions(batches.targets)
+    batches.whole = len(groups)
     return batches
 
 

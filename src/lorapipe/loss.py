@@ -63,14 +63,25 @@ def masked_loss(model: Any, tokens: Any, targets: Any, positions: Any = None) ->
     return ce.astype(mx.float32).sum() / mx.maximum(count, 1), count
 
 
+def spread(count: int, wanted: int) -> list[int]:
+    """`wanted` of `count` length-sorted batches, evenly spread (the middle of each of `wanted`
+    equal strides; -1 or more than there are: all): a fixed sample of every length, not the
+    shortest rows that the first batches of a length-sorted split hold."""
+    if wanted == -1 or wanted >= count:
+        return list(range(count))
+    return [(2 * k + 1) * count // (2 * wanted) for k in range(wanted)]
+
+
 def dataset_loss(model: Any, batches: Batches, max_batches: int = -1, group: Any = None) -> float:
-    """Mean loss per target token over `batches` (the first `max_batches`; -1: all). With a
-    distributed `group` whose processes each hold a share of every batch, over all the shares."""
+    """Mean loss per target token over `batches` (`max_batches` of them spread over all
+    lengths; -1: all). With a distributed `group` whose processes each hold a share of every
+    batch, over all the shares."""
     import mlx.core as mx
 
     total, count = mx.array(0.0), mx.array(0.0)
-    limit = len(batches) if max_batches == -1 else min(max_batches, len(batches))
-    for i in range(limit):
+    # Every process picks the same batches (by the whole split's count) and scores its share.
+    whole = max(batches.whole, len(batches))
+    for i in [i for i in spread(whole, max_batches) if i < len(batches)]:
         loss, n = masked_loss(model, *batches.arrays(i))
         total, count = total + loss * n, count + n
         mx.eval(total, count)
