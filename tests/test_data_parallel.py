@@ -104,29 +104,29 @@ def test_a_killed_process_ends_the_run_and_one_process_resumes_it(
 
 
 def test_two_processes_evaluate_as_one(one_process: Path, tmp_path: Path) -> None:
-    """Each process scores a share of the test prompts and loss batches; the report is one
-    process's. (Two base-model copies: the tuned model would need fuse.)"""
+
     import json
 
     project = tmp_path / "eval"
     shutil.copytree(one_process, project)
     sanitized = project / "data" / "sanitized"
     shutil.copy(sanitized / "train.jsonl", sanitized / "test.jsonl")  # 48 rows: 3 prompts a batch
-    set_params(project, **{"eval.models": ["base"], "eval.batch_size": 4})
-    outputs = ("metrics/eval.json", "reports/generations.jsonl", "reports/eval.md")
+    set_params(project, **{"eval.batch_size": 4})
+    outputs = ("metrics/eval/base.json", "reports/generations/base.jsonl")
 
-    whole = cli(project, "eval")
+    whole = cli(project, "eval", "base")
     assert whole.returncode == 0, whole.stderr
     want = {name: (project / name).read_text() for name in outputs}
-    shared = cli(project, "eval", env=TWO)
+    shared = cli(project, "eval", "base", env=TWO)
     assert shared.returncode == 0, shared.stdout + shared.stderr
     assert "mlx.launch --backend ring -n 2" in shared.stdout
     assert shared.stdout.count("eval: base:") == 1  # rank 0 speaks for both
     assert "eval: 2 processes generated 24 + 24 of 48 prompts" in shared.stdout
     got = {name: (project / name).read_text() for name in outputs}
 
-    assert got["reports/generations.jsonl"] == want["reports/generations.jsonl"]
-    scores, ref_scores = json.loads(got["metrics/eval.json"]), json.loads(want["metrics/eval.json"])
+    assert got["reports/generations/base.jsonl"] == want["reports/generations/base.jsonl"]
+    scores = json.loads(got["metrics/eval/base.json"])
+    ref_scores = json.loads(want["metrics/eval/base.json"])
     speed = "generation_tokens_per_second"
     assert {k: v for k, v in scores["base"].items() if k != speed} == pytest.approx(
         {k: v for k, v in ref_scores["base"].items() if k != speed}, rel=1e-4

@@ -36,10 +36,12 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.slow  # every test here runs the pipeline at least once
 
-ALL_STAGES = ["base", "preprocess", "split", "sanitize", "train", "fuse", "quantize", "eval"]
-AFTER_TRAIN = ["train", "fuse", "quantize", "eval"]
+DATA_STAGES = ["base", "preprocess", "split", "sanitize"]
+AFTER_TRAIN = ["train", "fuse", "quantize", "eval@tuned", "eval@quantized", "report"]
+ALL_STAGES = [*DATA_STAGES, "eval@base", *AFTER_TRAIN]
 # The metric the flows rank by: exact match is 0 for every random tiny model, the loss is not.
-RANK_BY = ("metrics/eval.json", "tuned.test_loss")
+RANK_BY = ("metrics/eval/tuned.json", "tuned.test_loss")
+MODELS = ("base", "tuned", "quantized")
 
 
 # --- projects ---------------------------------------------------------------------------------
@@ -70,10 +72,12 @@ def outcomes(log: str) -> dict[str, str]:
 
 
 def assert_reran_from_train(log: str) -> None:
-    """base and the data stages untouched; train ran; fuse, quantize and eval ran or were
-    restored from the run cache (an identical adapter was fused before)."""
+    """base, the data stages and the base model's evaluation untouched; train ran; fuse,
+    quantize, the other evaluations and the report ran or were restored from the run cache (an
+    identical adapter was fused before)."""
     fate = outcomes(log)
-    assert [fate.get(s) for s in ALL_STAGES[:5]] == ["unchanged"] * 4 + ["ran"], log
+    assert [fate.get(s) for s in [*DATA_STAGES, "eval@base"]] == ["unchanged"] * 5, log
+    assert fate.get("train") == "ran", log
     assert all(fate.get(s) in ("ran", "restored") for s in AFTER_TRAIN[1:]), log
 
 
@@ -181,17 +185,38 @@ def grid(baseline: Baseline, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 def test_repro_runs_every_stage_then_nothing(baseline: Baseline) -> None:
     """Flow 1: `dvc repro` on a fresh copy runs every stage; a second one runs none, fast."""
-    assert ran_stages(baseline.first) == ALL_STAGES, baseline.first.stdout
+    assert sorted(ran_stages(baseline.first)) == sorted(ALL_STAGES), baseline.first.stdout
     assert ran_stages(baseline.second) == []
     assert "Data and pipelines are up to date." in baseline.second.stdout
     print(f"second `dvc repro`: {baseline.second_seconds:.1f} s")
     assert baseline.second_seconds < 30
     status = dvc_ok(baseline.project, "status")
     assert "Data and pipelines are up to date." in status.stdout
-    eval_metrics = json.loads((baseline.project / "metrics" / "eval.json").read_text())
-    assert set(eval_metrics) == {"base", "tuned", "quantized"}
+    eval_metrics = {
+        model: json.loads((baseline.project / f"metrics/eval/{model}.json").read_text())[model]
+        for model in MODELS
+    }
     # Fine-tuning, even 20 steps of it, lowers the test loss of a random model.
     assert eval_metrics["tuned"]["test_loss"] < eval_metrics["base"]["test_loss"]
+
+
+def test_a_retrain_to_the_same_adapter_reevaluates_nothing(
+    baseline: Baseline, tmp_path: Path
+) -> None:
+    """Training's timings (metrics/train.json) change on every run; only the report reads them.
+    A forced retrain that makes the same adapter byte for byte re-runs the report alone."""
+    import shutil
+
+    project = clone_of(baseline.project, tmp_path / "lorapipe")
+    adapter = (project / "models/adapters/adapters.safetensors").read_bytes()
+    summary = (project / "metrics/train.json").read_text()
+    shutil.rmtree(project / "models/checkpoints")  # from step 0, not resumed at the end
+    dvc_ok(project, "repro", "--force", "--single-item", "train")
+    assert (project / "models/adapters/adapters.safetensors").read_bytes() == adapter
+    assert (project / "metrics/train.json").read_text() != summary  # its timings
+    fate = outcomes(dvc_ok(project, "repro").stdout)
+    assert {s: fate.get(s) for s in fate if fate[s] == "ran"} == {"report": "ran"}, fate
+    assert all(fate.get(s) == "unchanged" for s in ALL_STAGES if s != "report"), fate
 
 
 def test_exp_run_with_another_rank_reruns_train_and_after_only(
@@ -219,7 +244,9 @@ def test_exp_run_with_another_rank_reruns_train_and_after_only(
 
     table = dvc_ok(project, "exp", "show", "--csv", "--only-changed").stdout
     header, *lines = list(csv.reader(io.StringIO(table)))
-    assert "lora.rank" in header and "tuned.test_loss" in header, header
+    assert "lora.rank" in header and "tuned.test_loss" in header, header  # a column per model
+    # The base model was not re-evaluated: its scores did not change, so --only-changed hides them.
+    assert "base.test_loss" not in header, header
     ranks = {line[0] or line[1]: line[header.index("lora.rank")] for line in lines}
     assert ranks[BRANCH] == "8" and ranks[name[1]] == "4", table
 
@@ -279,10 +306,11 @@ def test_two_base_models_run_as_queued_experiments(baseline: Baseline, tmp_path:
         # tokenizer changed what they write (the two tiny models share one).
         log = dvc_ok(project, "queue", "logs", name).stdout
         fate = outcomes(log)
-        assert [fate.get(s) for s in ("base", *AFTER_TRAIN)] == ["ran"] * 5, log
+        stages = ("base", "eval@base", *AFTER_TRAIN)
+        assert [fate.get(s) for s in stages] == ["ran"] * len(stages), log
     assert a.outs["models/base"] != b.outs["models/base"] != rows[BRANCH].outs["models/base"]
-    assert a.metric("metrics/eval.json", "base.test_loss") != b.metric(
-        "metrics/eval.json", "base.test_loss"
+    assert a.metric("metrics/eval/base.json", "base.test_loss") != b.metric(
+        "metrics/eval/base.json", "base.test_loss"
     )
     table = dvc_ok(project, "exp", "show", "--csv", "--only-changed").stdout
     assert "model.source" in table.splitlines()[0]
@@ -294,7 +322,7 @@ def test_plots_and_metrics_diff_against_the_baseline(grid: Grid, tmp_path: Path)
     out = tmp_path / "plots"
     dvc_ok(grid.project, "plots", "diff", BRANCH, *grid.names, "-o", str(out))
     page = (out / "index.html").read_text()
-    for plot in ("Loss", "Learning_rate", "Tokens_per_second", "reports_eval_scores_json"):
+    for plot in ("Loss", "Learning_rate", "Tokens_per_second", "Exact_match_by_model"):
         assert f'<div id = "{plot}"' in page, plot
     # The page embeds each plot's data points, tagged with their revision: every revision has
     # its own validation curve (its committed TSV) and its own eval scores.
@@ -308,14 +336,14 @@ def test_plots_and_metrics_diff_against_the_baseline(grid: Grid, tmp_path: Path)
         assert curve == {tuple(line.split("\t")) for line in tsv.splitlines()[1:]}, name
         scores = {p["model"]: p["test_loss"] for p in mine if "model" in p}
         assert scores == {
-            model: rows[name].metric("metrics/eval.json", f"{model}.test_loss")
-            for model in ("base", "tuned", "quantized")
+            model: rows[name].metric(f"metrics/eval/{model}.json", f"{model}.test_loss")
+            for model in MODELS
         }, name
 
     winner = min(grid.names, key=lambda n: rows[n].metric(*RANK_BY))
     diff = dvc_ok(grid.project, "metrics", "diff", BRANCH, winner).stdout
     lines = [line.split() for line in diff.splitlines()]
-    tuned = next(line for line in lines if line[:2] == ["metrics/eval.json", "tuned.test_loss"])
+    tuned = next(line for line in lines if line[:2] == list(RANK_BY))  # path, metric, ...
     old, new = rows[BRANCH].metric(*RANK_BY), rows[winner].metric(*RANK_BY)
     assert [float(v) for v in tuned[2:5]] == pytest.approx([old, new, new - old], abs=1e-4)
     assert not any(line[:2] == ["metrics/data.json", "splits.train.rows"] for line in lines)
@@ -332,10 +360,9 @@ def test_promote_a_winner_and_share_experiments_through_git(grid: Grid, tmp_path
     applied = yaml.safe_load((project / "params.yaml").read_text())
     assert applied["lora"]["rank"] == rows[winner].param("lora.rank")
     assert "Data and pipelines are up to date." in dvc_ok(project, "status").stdout
-    assert (
-        json.loads((project / "metrics" / "eval.json").read_text())
-        == (rows[winner].metrics["metrics/eval.json"])
-    )
+    for model in MODELS:
+        file = f"metrics/eval/{model}.json"
+        assert json.loads((project / file).read_text()) == rows[winner].metrics[file]
 
     dvc_ok(project, "exp", "branch", winner, "best-rank")
     on_branch = yaml.safe_load(git(project, "show", "best-rank:params.yaml"))

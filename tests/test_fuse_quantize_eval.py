@@ -82,19 +82,35 @@ def test_eval_scores_every_model_and_writes_the_report(trained: Path) -> None:
     for stage, output in (("fuse", "fused"), ("quantize", "quantized")):
         if not (trained / "models" / output).exists():
             assert cli(trained, stage).returncode == 0
-    result = cli(trained, "eval")
-    assert result.returncode == 0, result.stderr
-    metrics = json.loads((trained / "metrics" / "eval.json").read_text())
-    assert set(metrics) == {"base", "tuned", "quantized"}
+    result = cli(trained, "report")
+    assert result.returncode == 1  # nothing evaluated yet: the report names the stage to run
+    assert "metrics/eval/base.json: not found; run `dvc repro eval@base`" in result.stderr
+    for model in ("base", "tuned", "quantized"):
+        result = cli(trained, "eval", model)
+        assert result.returncode == 0, result.stderr
+    assert cli(trained, "report").returncode == 0
+    metrics = {
+        model: json.loads((trained / "metrics" / "eval" / f"{model}.json").read_text())[model]
+        for model in ("base", "tuned", "quantized")
+    }
     for scores in metrics.values():
         assert {"test_loss", "exact_match", "field_f1", "chrf", "compression_ratio"} <= set(scores)
         assert 0 <= scores["exact_match"] <= 1
     # Training lowered the test loss of the tiny model (its validation split is the test here).
     assert metrics["tuned"]["test_loss"] < metrics["base"]["test_loss"]
-    generations = (trained / "reports" / "generations.jsonl").read_text().splitlines()
-    assert len(generations) == 3 * 8
+    for model in metrics:
+        generations = (trained / "reports" / "generations" / f"{model}.jsonl").read_text()
+        assert len(generations.splitlines()) == 8
     report = (trained / "reports" / "eval.md").read_text()
-    assert "| exact_match |" in report and "worst tuned first" in report
+    assert "| metric | base | tuned | quantized |" in report and "worst tuned first" in report
+    scores = json.loads((trained / "reports" / "eval_scores.json").read_text())
+    assert [s["model"] for s in scores] == ["base", "tuned", "quantized"]
+
+
+def test_eval_names_the_models_it_knows(trained: Path) -> None:
+    result = cli(trained, "eval", "tunde")
+    assert result.returncode == 1
+    assert "'tunde' is not in eval.models (base, tuned, quantized)" in result.stderr
 
 
 def test_eval_generates_once_per_prompt_and_scores_the_best_of_its_references(
@@ -112,10 +128,14 @@ def test_eval_generates_once_per_prompt_and_scores_the_best_of_its_references(
         "messages": [*rows[0]["messages"][:-1], {"role": "assistant", "content": "x"}],
     }
     test.write_text("".join(json.dumps(r) + "\n" for r in [wrong, *rows]))
-    set_params(project, **{"eval.models": ["tuned"], "eval.metrics": ["exact_match", "chrf"]})
-    result = cli(project, "eval")
+    set_params(
+        project,
+        **{"eval.models": {"tuned": "models/fused"}, "eval.metrics": ["exact_match", "chrf"]},
+    )
+    result = cli(project, "eval", "tuned")
     assert result.returncode == 0, result.stderr
-    generations = [json.loads(g) for g in (project / "reports" / "generations.jsonl").open()]
+    assert cli(project, "report").returncode == 0
+    generations = [json.loads(g) for g in (project / "reports/generations/tuned.jsonl").open()]
     assert len(generations) == len(rows)  # 9 rows, 8 distinct prompts
     first = generations[0]
     assert first["references"] == 2 and first["source"] == wrong["meta"]["source"]
@@ -129,7 +149,7 @@ def test_eval_without_a_test_split_names_the_stage(trained: Path, tmp_path: Path
     project = tmp_path / "p"
     shutil.copytree(trained, project)
     (project / "data" / "sanitized" / "test.jsonl").unlink()
-    result = cli(project, "eval")
+    result = cli(project, "eval", "base")
     assert result.returncode == 1
     assert "test.jsonl: not found; run `dvc repro sanitize`" in result.stderr
 

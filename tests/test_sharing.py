@@ -246,7 +246,7 @@ def test_push_to_the_default_remote_then_pull_needs_no_rerun(shared: Shared) -> 
     dvc_ok(other, "pull", "--allow-missing")
     print(f"dvc pull: {time.monotonic() - start:.1f} s")
     assert_same_outputs(other, project, skip=RAW_TEXT)
-    for metrics in ("train.json", "eval.json"):
+    for metrics in ("train.json", "eval/tuned.json"):
         assert (other / "metrics" / metrics).read_bytes() == (
             project / "metrics" / metrics
         ).read_bytes()

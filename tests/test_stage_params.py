@@ -16,8 +16,9 @@ def test_every_stage_declares_exactly_its_dvc_yaml_params() -> None:
     from ruamel.yaml import YAML
 
     stages = YAML(typ="safe").load((REPO / "dvc.yaml").read_text())["stages"]
-    assert len(stages) == 8
-    for name, stage in stages.items():
+    assert len(stages) == 9
+    for name, group in stages.items():
+        stage = group.get("do", group)  # eval: one stage per model (foreach)
         module = importlib.import_module(f"lorapipe.stages.{stage['cmd'].split()[1]}")
         assert sorted(module.PARAMS) == sorted(stage["params"]), name
 
@@ -34,6 +35,7 @@ def test_a_stage_reads_its_sections_keys_and_paths() -> None:
     ("reads", "key"),
     [
         (("eval",), "train.batch_size"),  # eval's old undeclared read
+        (("eval.metrics",), "eval.report_examples"),  # the report's key beside eval's
         (("quantize", "train.batch_size"), "train.iters"),  # a key beside the declared one
         (("fuse",), "seed"),  # a top-level value
         (("sanitize",), "data.system_prompt"),  # a section not declared at all

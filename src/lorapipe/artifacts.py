@@ -1,5 +1,6 @@
-"""The pipeline's model folders (one table: name, producing stage, completeness marker, eval
-name) and loading them for inference, with one-line errors that name the stage to run."""
+"""The pipeline's model folders (one table: name, producing stage, completeness marker) and
+loading them, or any other mlx-lm model folder, for inference, with one-line errors that name
+the stage to run."""
 
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ class Artifact:
     name: str  # also a `generate.prefer` / `--model` choice
     stage: str  # the stage that makes it: `dvc repro <stage>`
     marker: str  # the file that is there once the folder is complete
-    evaluated_as: str | None  # its name in `eval.models`, if eval scores it
 
     def path(self, paths: PathsParams) -> Path:
         return Path(getattr(paths, self.name))
@@ -39,25 +39,39 @@ class Artifact:
 ARTIFACTS = {
     a.name: a
     for a in (
-        Artifact("base", "base", "config.json", "base"),
-        Artifact("adapters", "train", "adapter_config.json", None),
-        # "tuned" is the fused model, which the fuse stage checked against base + adapter.
-        Artifact("fused", "fuse", "config.json", "tuned"),
-        Artifact("quantized", "quantize", "config.json", "quantized"),
+        Artifact("base", "base", "config.json"),
+        Artifact("adapters", "train", "adapter_config.json"),
+        Artifact("fused", "fuse", "config.json"),
+        Artifact("quantized", "quantize", "config.json"),
     )
 }
-EVALUATED = {a.evaluated_as: a for a in ARTIFACTS.values() if a.evaluated_as}
+
+
+def require_folder(paths: PathsParams, folder: str) -> Path:
+    """`folder` as a complete model folder: one the pipeline makes (the error names the stage to
+    run) or any other mlx-lm model folder."""
+    for artifact in ARTIFACTS.values():
+        if Path(folder) == artifact.path(paths):
+            return artifact.require(paths)
+    if not (Path(folder) / "config.json").is_file():
+        raise MissingArtifact(f"{folder}: not an mlx-lm model folder (it has no config.json)")
+    return Path(folder)
 
 
 def load_model(paths: PathsParams, name: str) -> tuple[Any, Any]:
     """Artifact `name` as an mlx-lm model and tokenizer, ready for inference; "adapters" is the
     base model with the adapter on top."""
-    from mlx_lm import load
-
     if name == "adapters":
         model_dir, adapters = ARTIFACTS["base"].require(paths), ARTIFACTS["adapters"].require(paths)
     else:
         model_dir, adapters = ARTIFACTS[name].require(paths), None
+    return load_folder(model_dir, adapters)
+
+
+def load_folder(model_dir: Path, adapters: Path | None = None) -> tuple[Any, Any]:
+    """An mlx-lm model folder (with an adapter on top) as a model and tokenizer for inference."""
+    from mlx_lm import load
+
     try:
         model, tokenizer = load(str(model_dir), adapter_path=str(adapters) if adapters else None)[
             :2

@@ -22,6 +22,7 @@ class Stage:
     name: str
     summary: str
     description: str
+    takes_model: bool = False  # one stage per model of eval.models (`eval@<name>` in dvc.yaml)
 
 
 STAGES = [
@@ -91,12 +92,21 @@ STAGES = [
     ),
     Stage(
         "eval",
-        "score base, tuned and quantized models on the test split; write the report",
-        "For each of `eval.models`: test loss and perplexity, and batched greedy generations "
-        "scored by `eval.metrics` (exact match, field F1, token F1, chrF, compression ratio), "
-        "one per distinct prompt, against its best-matching reference. Writes "
-        "metrics/eval.json, reports/eval_scores.json (plots), reports/generations.jsonl and "
-        "reports/eval.md. LORAPIPE_PROCESSES=N shares the prompts among N processes.",
+        "score one model of eval.models on the test split (dvc.yaml: eval@MODEL)",
+        "Evaluate MODEL, a name in `eval.models` (base, tuned, quantized by default): test loss "
+        "and perplexity, and batched greedy generations scored by `eval.metrics` (exact match, "
+        "field F1, token F1, chrF, compression ratio), one per distinct prompt, against its "
+        "best-matching reference. Writes metrics/eval/MODEL.json and "
+        "reports/generations/MODEL.jsonl. LORAPIPE_PROCESSES=N shares the prompts among N "
+        "processes.",
+        takes_model=True,
+    ),
+    Stage(
+        "report",
+        "put the evaluated models side by side: reports/eval.md and the eval plot",
+        "Read every model's evaluation (`eval.models` order) and metrics/train.json; write "
+        "reports/eval.md (scores, the training summary, `eval.report_examples` generations, "
+        "worst first) and reports/eval_scores.json (the bar chart of `dvc plots show`).",
     ),
 ]
 
@@ -108,16 +118,35 @@ def _run_stage(name: str) -> Callable[[argparse.Namespace], None]:
         params = load_params(args.params)
         module = importlib.import_module(f"lorapipe.stages.{name}")
         # The stage sees only the params it declares (its `params:` in dvc.yaml) and paths.
-        module.main(for_stage(params, name, module.PARAMS))
+        view = for_stage(params, name, module.PARAMS)
+        if not getattr(args, "model", None):
+            module.main(view)
+            return
+        models = params.eval.models
+        if args.model not in models:
+            raise LorapipeError(
+                f"{args.model!r} is not in eval.models ({', '.join(models)}) in {args.params}"
+            )
+        # Its folder is the stage's dependency in dvc.yaml, not a param of it.
+        module.main(view, args.model, models[args.model])
 
     return run
 
 
 def _doctor(args: argparse.Namespace) -> None:
-    info = runtime.describe()
+    from pathlib import Path
+
+    from lorapipe.doctor import check_remote
+
+    remote = check_remote(Path.cwd())
+    info = {**runtime.describe(), "dvc remote": remote.summary}
     width = max(map(len, info))
     for key, value in info.items():
         print(f"{key:<{width}}  {value}")
+    if remote.note:
+        print(f"lorapipe doctor: {remote.note}")
+    if remote.problem:
+        raise LorapipeError(remote.problem)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -156,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(
             stage.name, help=f"stage: {stage.summary}", description=stage.description
         )
+        if stage.takes_model:
+            sub.add_argument("model", metavar="MODEL", help="a name in eval.models")
         sub.add_argument(
             "--params",
             default="params.yaml",
@@ -165,9 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=_run_stage(stage.name))
     doctor = commands.add_parser(
         "doctor",
-        help="print platform, MLX device and backend, the BLAS in use, and package versions",
+        help="print platform, MLX device and backend, BLAS, versions; check the DVC remote",
         description="Print what lorapipe runs on: platform, MLX backend and default device, which "
-        "BLAS serves MLX's CPU matmuls (set LORAPIPE_BLAS=bundled to compare), and versions.",
+        "BLAS serves MLX's CPU matmuls (set LORAPIPE_BLAS=bundled to compare), and versions. "
+        "Then check the default DVC remote (defined; a local folder that exists) and, if it is "
+        "broken, say what and the command that fixes it (exit 1); no remote or an empty one "
+        "gets a note.",
     )
     doctor.set_defaults(func=_doctor)
     generate = commands.add_parser(

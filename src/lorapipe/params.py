@@ -214,7 +214,8 @@ Metric = Literal["exact_match", "field_f1", "token_f1", "chrf", "compression_rat
 
 @dataclass(frozen=True)
 class EvalParams:
-    models: tuple[Literal["base", "tuned", "quantized"], ...]
+    # name -> model folder; dvc.yaml makes one `eval@<name>` stage of each.
+    models: dict[str, str]
     metrics: tuple[Metric, ...]
     max_rows: Annotated[int, Range(ge=1)] | None
     batch_size: Annotated[int, Range(ge=1)]
@@ -402,6 +403,15 @@ def _check_together(params: Params, source: str) -> None:
             f"{list(params.data.keep_fields)}, so no row carries it; add it there, or set "
             "split.stratify: null"
         )
+    models = params.eval.models
+    if not models:
+        raise ParamsError(f"{source}: eval.models: name at least one model to evaluate")
+    for name in models:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+            raise ParamsError(
+                f"{source}: eval.models: {name!r} cannot name a stage (`eval@{name}`); use "
+                "letters, digits, '-' and '_'"
+            )
     if params.data.format == "completions" and "{prompt}" not in params.data.prompt_template:
         raise ParamsError(
             f"{source}: data.prompt_template: {params.data.prompt_template!r} must contain "

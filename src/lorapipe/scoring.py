@@ -5,8 +5,20 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 FIELD_SEPARATOR = " | "
+
+# The scores that order the report's examples, strictest first.
+RANKING = ("exact_match", "field_f1", "chrf", "token_f1")
+
+
+def evaluation_files(metrics_dir: str, reports_dir: str, model: str) -> tuple[Path, Path]:
+    """Where the `eval@<model>` stage writes its scores and its generations (dvc.yaml's outs)."""
+    return (
+        Path(metrics_dir) / "eval" / f"{model}.json",
+        Path(reports_dir) / "generations" / f"{model}.jsonl",
+    )
 
 
 def exact_match(prediction: str, reference: str) -> float:

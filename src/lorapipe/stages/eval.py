@@ -1,10 +1,10 @@
-"""`eval` stage: base vs tuned vs quantized on the held-out test split.
+"""`eval` stage: one model of `eval.models` on the held-out test split (`eval@<name>`).
 
-For each model: test loss and perplexity (assistant tokens only), and batched greedy
-generations scored against the references with the task metrics in `eval.metrics`. Writes
-metrics/eval.json (for `dvc metrics diff` / `dvc exp show`), a per-model score file for
-`dvc plots`, every generation to reports/generations.jsonl, and reports/eval.md: the headline
-table, the training summary and generations beside their references, worst first.
+Test loss and perplexity (assistant tokens only), and batched greedy generations scored against
+the references with the task metrics in `eval.metrics`. Writes metrics/eval/<name>.json (for
+`dvc metrics diff` / `dvc exp show`) and every generation to reports/generations/<name>.jsonl.
+Each model is its own stage so that an experiment on `lora.*` or `train.*` re-evaluates the
+models it changed and never the base model; the `report` stage puts the models side by side.
 """
 
 from __future__ import annotations
@@ -16,21 +16,33 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lorapipe.artifacts import EVALUATED, chat_prompt, load_model
+from lorapipe.artifacts import chat_prompt, load_folder, require_folder
 from lorapipe.batches import encode, make_batches
 from lorapipe.errors import LorapipeError
-from lorapipe.io import atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
+from lorapipe.io import atomic_write_json, atomic_write_jsonl, read_jsonl
 from lorapipe.loss import dataset_loss
 from lorapipe.params import Params
-from lorapipe.scoring import FIELD_SEPARATOR, SCORERS, compression_ratio
+from lorapipe.scoring import (
+    FIELD_SEPARATOR,
+    RANKING,
+    SCORERS,
+    compression_ratio,
+    evaluation_files,
+)
 
-# train.batch_size: the loss batches are training's, so what fit in training fits here (the
-# full-vocabulary logits of eval.batch_size rows might not).
-PARAMS = ("eval", "train.batch_size")
-
-
-# The scores that order the report's examples, strictest first.
-RANKING = ("exact_match", "field_f1", "chrf", "token_f1")
+# Not eval.models (the stage's own model folder is its dependency; adding a model must not
+# re-run the others) nor eval.report_examples (the report stage's). train.batch_size: the loss
+# batches are training's, so what fit in training fits here (the full-vocabulary logits of
+# eval.batch_size rows might not).
+PARAMS = (
+    "eval.metrics",
+    "eval.max_rows",
+    "eval.batch_size",
+    "eval.loss_batches",
+    "eval.max_tokens_factor",
+    "eval.max_tokens_extra",
+    "train.batch_size",
+)
 
 
 class EvalError(LorapipeError):
@@ -143,75 +155,8 @@ def evaluate_model(
     return {k: round(v, 5) for k, v in summary.items()}, results
 
 
-def render_report(
-    metrics: dict[str, dict[str, float]],
-    generations: dict[str, list[dict[str, Any]]],
-    train: dict[str, Any],
-    examples: int,
-) -> str:
-    names = list(metrics)
-    prompts = len(next(iter(generations.values())))
-    rows = sum(g.get("references", 1) for g in next(iter(generations.values())))
-    columns = [c for c in next(iter(metrics.values())) if c != "generation_tokens_per_second"]
-    lines = [
-        "# Evaluation",
-        "",
-        f"Held-out test split, {rows} rows"
-        + (
-            f" ({prompts} distinct prompts: one with several reference answers is scored "
-            "against its best-matching one)"
-            if prompts != rows
-            else ""
-        )
-        + ", greedy decoding. The numbers are in `metrics/eval.json`, every generation in "
-        "`reports/generations.jsonl`.",
-        "",
-        "| metric | " + " | ".join(names) + " |",
-        "|---|" + "---|" * len(names),
-    ]
-    for column in columns:
-        values = " | ".join(_num(metrics[n][column]) for n in names)
-        lines.append(f"| {column} | {values} |")
-    if train:
-        t = train.get
-        lines += [
-            "",
-            "## Training",
-            "",
-            f"{t('steps')} steps; validation loss {_num(t('best_val_loss'))} at its best (step "
-            f"{t('best_step')}, kept: {t('kept')}), {_num(t('final_val_loss'))} at the end; "
-            f"{t('seen_tokens')} tokens at {t('tokens_per_second')} tokens/s; peak memory "
-            f"{t('peak_memory_gb')} GB. Curves: `dvc plots show`.",
-        ]
-    focus = "tuned" if "tuned" in generations else names[-1]
-    # Worst first by the strictest score, ties broken by the finer ones (when every exact match
-    # is 0, chrF still orders the misses), then by row.
-    scores = [s for s in RANKING if s in generations[focus][0]]
-    ranked = sorted(range(prompts), key=lambda i: (*(generations[focus][i][s] for s in scores), i))
-    lines += ["", f"## Generations, worst {focus} first", ""]
-    for i in ranked[:examples]:
-        lines.append(f"**{generations[focus][i]['source']}**  ")
-        example = generations[focus][i]
-        of = f" (best of {example['references']})" if "references" in example else ""
-        lines.append(f"- reference{of}: {_code(example['reference'])}")
-        for name in names:
-            lines.append(f"- {name}: {_code(generations[name][i]['prediction'][:300])}")
-        lines.append("")
-    return "\n".join(lines) + "\n"
-
-
-def _num(value: Any) -> str:
-    """Four decimals for every float (a loss of 2.0002 is not 2), integers as they are."""
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def _code(text: str) -> str:
-    """Inline code that survives any text: newlines shown as \\n, backticks fenced by two."""
-    text = text.replace("\n", "\\n")
-    return f"`` {text} ``" if "`" in text else f"`{text}`"
-
-
-def main(params: Params) -> None:
+def main(params: Params, name: str, folder: str) -> None:
+    """Evaluate model `name` (the mlx-lm model in `folder`)."""
     import mlx.core as mx
 
     # Under `LORAPIPE_PROCESSES=N` / a hostfile, N processes share the work; rank 0 speaks and
@@ -230,30 +175,14 @@ def main(params: Params) -> None:
             f"has a {FIELD_SEPARATOR.strip()!r} field, so it only repeats exact_match: drop it "
             "from eval.metrics"
         )
-    metrics: dict[str, dict[str, float]] = {}
-    generations: dict[str, list[dict[str, Any]]] = {}
-    for name in params.eval.models:
-        model, tokenizer = load_model(params.paths, EVALUATED[name].name)
-        metrics[name], generations[name] = evaluate_model(model, tokenizer, rows, params, world)
-        if speaks:
-            shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics[name].items())
-            print(f"eval: {name}: {shown}", flush=True)
-        del model
+    model, tokenizer = load_folder(require_folder(params.paths, folder))
+    metrics, generations = evaluate_model(model, tokenizer, rows, params, world)
     if not speaks:
         return
-
-    metrics_dir, reports = Path(params.paths.metrics), Path(params.paths.reports)
-    atomic_write_json(metrics_dir / "eval.json", metrics)
-    atomic_write_json(
-        reports / "eval_scores.json",
-        [{"model": name, **scores} for name, scores in metrics.items()],
+    print(f"eval: {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
+    metrics_file, generations_file = evaluation_files(
+        params.paths.metrics, params.paths.reports, name
     )
-    atomic_write_jsonl(
-        reports / "generations.jsonl",
-        [{"model": name, **r} for name, rs in generations.items() for r in rs],
-    )
-    train_summary = metrics_dir / "train.json"
-    train = json.loads(train_summary.read_text()) if train_summary.is_file() else {}
-    atomic_write_text(
-        reports / "eval.md", render_report(metrics, generations, train, params.eval.report_examples)
-    )
+    atomic_write_jsonl(generations_file, generations)
+    # Keyed by the model: `dvc exp show` columns read tuned.exact_match, base.test_loss, ...
+    atomic_write_json(metrics_file, {name: metrics})
