@@ -1,8 +1,9 @@
-"""The plots pages draw offline (issue #16), checked in a real headless Chromium, network off.
+"""The plots draw offline (issue #16): every plot `dvc plots show --json` lists from dvc.yaml,
+whatever they are.
 
-The project's page (.dvc/plots/offline.html, set in .dvc/config) draws every plot that
-`dvc plots show --json` lists from dvc.yaml, whatever they are; DVC's own page, which loads Vega
-from a CDN, draws none: that is the bug, and the proof that this check sees a blank page.
+In a real headless Chromium with the network off, the project's page (.dvc/plots/offline.html,
+set in .dvc/config) draws them all; DVC's own page, which loads Vega from a CDN, draws none: that
+is the bug, and the proof that this check sees a blank page. `lorapipe plots` draws them as PNG.
 """
 
 from __future__ import annotations
@@ -18,17 +19,14 @@ import pytest
 from dvc_render.base import Renderer
 from dvc_render.html import PAGE_HTML
 from dvc_render.vega import VegaRenderer
+from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
-from tests.helpers import REPO, dvc_ok
+from tests.helpers import REPO, cli, dvc_ok
 
 CHROMIUM = next(filter(None, map(shutil.which, ["chromium", "chromium-browser"])), None)
 CHROMEDRIVER = shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and CHROMEDRIVER),
-    reason="needs chromium and chromedriver on PATH (scripts/test.sh installs Debian's)",
-)
 
 # Runs before the page's own scripts. Whatever defines `vegaEmbed` (inlined code or a CDN), the
 # page's calls go through this wrapper, which asks each plot's Vega view what it drew: the items
@@ -68,7 +66,23 @@ Promise.all(window.__plots).then((plots) => done({
 
 
 @pytest.fixture(scope="module")
+def plots() -> set[str]:
+    """The id DVC's page gives each plot `dvc plots show --json` lists (the PNG file names)."""
+    listed = json.loads(dvc_ok(REPO, "plots", "show", "--json").stdout)
+    assert not listed.get("errors"), listed["errors"]
+    ids = {
+        Renderer.remove_special_chars(name)
+        for name, renderers in listed["data"].items()
+        if any(r["type"] == "vega" for r in renderers)
+    }
+    assert ids, "dvc.yaml lists no plots"
+    return ids
+
+
+@pytest.fixture(scope="module")
 def browser() -> Iterator[webdriver.Chrome]:
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("needs chromium and chromedriver on PATH (scripts/test.sh installs Debian's)")
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     # No sandbox: tests run as root in CI containers, where Chromium's sandbox cannot start.
@@ -98,15 +112,9 @@ def drawn(browser: webdriver.Chrome, page: Path) -> dict[str, Any]:
     return result
 
 
-def test_every_plot_of_dvc_yaml_draws_offline(browser: webdriver.Chrome, tmp_path: Path) -> None:
-    listed = json.loads(dvc_ok(REPO, "plots", "show", "--json").stdout)
-    assert not listed.get("errors"), listed["errors"]
-    plots = {
-        Renderer.remove_special_chars(name)
-        for name, renderers in listed["data"].items()
-        if any(r["type"] == "vega" for r in renderers)
-    }
-    assert plots, "dvc.yaml lists no plots"
+def test_every_plot_of_dvc_yaml_draws_offline(
+    browser: webdriver.Chrome, plots: set[str], tmp_path: Path
+) -> None:
     # `diff` with a revision: the command the README shows, one line per revision.
     dvc_ok(REPO, "plots", "diff", "HEAD", "-o", str(tmp_path))
 
@@ -126,3 +134,16 @@ def test_dvcs_own_page_draws_nothing_offline(browser: webdriver.Chrome, tmp_path
     dvc_ok(REPO, "plots", "show", "--html-template", str(cdn), "-o", str(tmp_path / "out"))
 
     assert drawn(browser, tmp_path / "out" / "index.html") == {"marks": {}, "versions": {}}
+
+
+def test_lorapipe_plots_draws_every_plot_as_png(plots: set[str], tmp_path: Path) -> None:
+    done = cli(REPO, "plots", "HEAD", "-o", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+
+    drawn = {path.stem: Image.open(path) for path in tmp_path.glob("*.png")}
+    assert drawn.keys() == plots
+    for plot, image in drawn.items():
+        assert image.width >= 600 and image.height >= 400, (plot, image.size)  # --scale 2
+        # Axes, grid and text are grey; the data (lines, bars, their legend) is in colour.
+        saturation = image.convert("RGB").convert("HSV").getchannel("S").histogram()
+        assert sum(saturation[80:]) > 0.002 * image.width * image.height, f"{plot}: no data"
