@@ -85,10 +85,10 @@ def browser() -> Iterator[webdriver.Chrome]:
         pytest.skip("needs chromium and chromedriver on PATH (scripts/test.sh installs Debian's)")
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    # No sandbox: tests run as root in CI containers, where Chromium's sandbox cannot start.
-    # Every host name fails to resolve, as on an air-gapped box.
+    # --no-sandbox: tests run as root in CI, where Chromium's sandbox cannot start.
     for arg in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage"]:
         options.add_argument(arg)
+    # Every host name fails to resolve, as on an air-gapped box.
     options.add_argument("--host-resolver-rules=MAP * ~NOTFOUND")
     driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
     try:
@@ -140,9 +140,9 @@ def test_lorapipe_plots_draws_every_plot_as_png(plots: set[str], tmp_path: Path)
     done = cli(REPO, "plots", "HEAD", "-o", str(tmp_path))
     assert done.returncode == 0, done.stderr
 
-    drawn = {path.stem: Image.open(path) for path in tmp_path.glob("*.png")}
-    assert drawn.keys() == plots
-    for plot, image in drawn.items():
+    images = {path.stem: Image.open(path) for path in tmp_path.glob("*.png")}
+    assert images.keys() == plots
+    for plot, image in images.items():
         assert image.width >= 600 and image.height >= 400, (plot, image.size)  # --scale 2
         # Axes, grid and text are grey; the data (lines, bars, their legend) is in colour.
         saturation = image.convert("RGB").convert("HSV").getchannel("S").histogram()
