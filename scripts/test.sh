@@ -5,4 +5,14 @@
 run ruff check .
 run ruff format --check .
 run mypy
+# tests/test_plots.py draws the plots pages in a real headless Chromium: install Debian's when it
+# is missing and we can (root with apt-get, as in CI); elsewhere that test is skipped.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "lorapipe: installing chromium and chromium-driver with apt-get (for tests/test_plots.py)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "lorapipe: no chromium/chromedriver and no root apt-get: tests/test_plots.py will be skipped"
+  fi
+fi
 run pytest "$@"

@@ -171,6 +171,14 @@ def _use_data(args: argparse.Namespace) -> None:
     use_data.main(args.source, Path(args.params), args.prompt, args.completion)
 
 
+def _plots(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from lorapipe import plots
+
+    plots.main(args.revs, Path(args.out), args.scale)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorapipe",
@@ -241,6 +249,22 @@ def build_parser() -> argparse.ArgumentParser:
     use_data.add_argument("--completion", metavar="COLUMN", help="the column holding the answer")
     use_data.add_argument("--params", default="params.yaml", metavar="PATH")
     use_data.set_defaults(func=_use_data)
+    plots = commands.add_parser(
+        "plots",
+        help="draw the plots of dvc.yaml as PNG files, for reports (no browser, offline)",
+        description="Draw every plot `dvc plots show` lists (with revisions, `dvc plots diff "
+        "REV...`: one line per revision) as a PNG file in DIR, named by the plot's id in DVC's "
+        "HTML page (Loss.png, Peak_memory__GB_.png, ...), with no browser or network. Needs "
+        "vl-convert, the png extra (`uv sync --extra png`; pip: 'lorapipe[png]').",
+    )
+    plots.add_argument(
+        "revs", nargs="*", metavar="REV", help="git revisions or experiments (none: the workspace)"
+    )
+    plots.add_argument("-o", "--out", default="dvc_plots", metavar="DIR", help="default: dvc_plots")
+    plots.add_argument(
+        "--scale", type=float, default=2.0, help="pixels per unit (default 2: sharp in documents)"
+    )
+    plots.set_defaults(func=_plots)
     return parser
 
 
