@@ -149,7 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Fine-tune LLMs with LoRA on MLX as a DVC pipeline. Run the whole pipeline with "
             "`dvc repro`; each stage below is one `lorapipe <stage>` command in dvc.yaml."
         ),
-        epilog="Stages: " + ", ".join(s.name for s in STAGES) + ". See README.md.",
+        epilog="Stages: "
+        + ", ".join(s.name for s in STAGES)
+        + ". With MLFLOW_TRACKING_URI (or tracking.mlflow_uri) set, each stage also logs to one "
+        "MLflow run per pipeline run (the `mlflow` extra). See README.md.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for stage in STAGES:
