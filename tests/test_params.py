@@ -54,6 +54,12 @@ def test_every_dvc_yaml_params_section_exists_in_params() -> None:
         ("seed", -1, "seed: -1 is out of range; must be >= 0"),
         ("seed", 1.5, "seed: expected an integer, got 1.5"),
         ("model", [], "model must be a mapping, got a list"),
+        # params.yaml is committed: a token in it would be in git and `dvc exp show`.
+        (
+            "tracking.mlflow_uri",
+            "https://me:tok@dagshub.com/me/repo.mlflow",
+            "tracking.mlflow_uri: holds credentials (user:password@); keep the plain address",
+        ),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(path: str, value: Any, message: str) -> None:

@@ -8,15 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers import make_project, set_params
-
-# Secret-shaped values, built at run time so no scanner mistakes this file for a leak.
-SECRETS = {
-    "HF_TOKEN": "hf_" + "Zq7" * 11,
-    "AWS_SECRET_ACCESS_KEY": "wJalr" + "XUtnFEMI" * 4,
-    "WANDB_API_KEY": "0f" * 20,
-    "OPENAI_API_KEY": "sk-" + "proj" + "A1b2C3d4" * 5,
-}
+from tests.helpers import SECRETS, make_project, set_params
 
 
 def test_run_record_and_no_secret_in_anything_a_run_writes(

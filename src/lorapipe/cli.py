@@ -186,7 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Fine-tune LLMs with LoRA on MLX as a DVC pipeline. Run the whole pipeline with "
             "`dvc repro`; each stage below is one `lorapipe <stage>` command in dvc.yaml."
         ),
-        epilog="Stages: " + ", ".join(s.name for s in STAGES) + ". See README.md.",
+        epilog="Stages: "
+        + ", ".join(s.name for s in STAGES)
+        + ". With MLFLOW_TRACKING_URI (or tracking.mlflow_uri) set, each stage also logs to one "
+        "MLflow run per pipeline run (the `mlflow` extra). See README.md.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for stage in STAGES:
@@ -269,12 +272,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lorapipe import launch
-
     args = build_parser().parse_args(argv)
     # In a `dvc queue` worker: its own GPU or its share of the cores' BLAS threads, set before
     # the BLAS or MLX loads and before data-parallel training starts its processes.
     workers.apply()
+    # MLflow, when asked for: once per stage, in the process DVC started (not in each of the
+    # processes mlx.launch starts from it, which see MLX_RANK).
+    if args.command not in {s.name for s in STAGES} or "MLX_RANK" in os.environ:
+        return _launch(args, argv)
+    from lorapipe import mlflow_sync
+
+    try:
+        run = mlflow_sync.start(args.command, args.params, os.environ)
+    except LorapipeError as exc:
+        print(f"lorapipe {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    code = 1  # what a stage that raises reports
+    try:
+        code = _launch(args, argv)
+    finally:
+        if run is not None:
+            run.finish(code)
+    return code
+
+
+def _launch(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from lorapipe import launch
+
     if args.command not in launch.DISTRIBUTED:
         return _main(args)
 

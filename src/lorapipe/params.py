@@ -17,6 +17,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, cast
+from urllib.parse import urlsplit
 
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
@@ -237,6 +238,14 @@ class GenerateParams:
 
 
 @dataclass(frozen=True)
+class TrackingParams:
+    """MLflow tracking beside DVC (lorapipe.mlflow_sync); no stage reads it."""
+
+    mlflow_uri: str | None
+    experiment: str
+
+
+@dataclass(frozen=True)
 class Params:
     seed: Annotated[int, Range(ge=0)]
     paths: PathsParams
@@ -251,6 +260,7 @@ class Params:
     quantize: QuantizeParams
     eval: EvalParams
     generate: GenerateParams
+    tracking: TrackingParams
 
 
 # --- what one stage may read ---------------------------------------------------------------
@@ -412,6 +422,14 @@ def _check_together(params: Params, source: str) -> None:
                 f"{source}: eval.models: {name!r} cannot name a stage (`eval@{name}`); use "
                 "letters, digits, '-' and '_'"
             )
+    uri = params.tracking.mlflow_uri
+    if uri is not None and "@" in urlsplit(uri).netloc:
+        # params.yaml is committed: a token written here would be in git and in `dvc exp show`.
+        raise ParamsError(
+            f"{source}: tracking.mlflow_uri: holds credentials (user:password@); keep the "
+            "plain address here and set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment"
+        )
     if params.data.format == "completions" and "{prompt}" not in params.data.prompt_template:
         raise ParamsError(
             f"{source}: data.prompt_template: {params.data.prompt_template!r} must contain "
