@@ -155,3 +155,24 @@ def test_serve_answers_as_generate_does_with_the_default_runs_adapter(tmp_path: 
         pieces = api.chat.completions.create(model="adapters", messages=messages, stream=True)
         streamed = "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
         assert streamed == answer.choices[0].message.content
+
+
+def test_chat_requests_are_shaped_as_training_shaped_rows(project: Path) -> None:
+    from lorapipe.params import load_params
+    from lorapipe.serve import shape
+
+    set_params(project, **{"data.prompt_template": "Compress:\n{prompt}"})
+    params = load_params(project / "params.yaml")
+    asked = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": [{"type": "text", "text": "c"}, {"type": "text", "text": "d"}]},
+    ]
+    assert shape(asked, params) == [
+        {"role": "system", "content": "Compress the text."},  # data.system_prompt
+        {"role": "user", "content": "Compress:\na"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "Compress:\ncd"},
+    ]
+    own = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "a"}]
+    assert shape(own, params) == [own[0], {"role": "user", "content": "Compress:\na"}]
