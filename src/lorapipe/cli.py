@@ -163,6 +163,13 @@ def _chat(args: argparse.Namespace) -> None:
     generate.chat(load_params(args.params), args.model)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from lorapipe import serve
+    from lorapipe.params import load_params
+
+    serve.serve(load_params(args.params), args.model, args.host, args.port)
+
+
 def _use_data(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -237,6 +244,29 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--params", default="params.yaml", metavar="PATH")
     chat.add_argument("--model", metavar="NAME", help="quantized, fused, adapters or base")
     chat.set_defaults(func=_chat)
+    serve = commands.add_parser(
+        "serve",
+        help="serve the best available model behind an OpenAI-compatible HTTP API",
+        description="Serve the model `lorapipe generate` would load (it says which) at "
+        "http://HOST:PORT/v1 with mlx-lm's server: /v1/models, /v1/chat/completions and "
+        "/v1/completions, streaming and not. Chat requests get the training's system prompt "
+        "(unless they bring one), prompt template and chat template, so greedy answers equal "
+        "`lorapipe generate`'s; /v1/completions takes its prompt as it is. `generate.temperature`, "
+        "`generate.top_p` and `generate.max_tokens` are the defaults a request may override. "
+        "Ctrl-C stops it.",
+    )
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 lets anyone "
+        "who can reach the port use the model, without authentication)",
+    )
+    serve.add_argument(
+        "--port", type=int, default=8080, help="port (default: 8080; 0: any free port)"
+    )
+    serve.add_argument("--params", default="params.yaml", metavar="PATH")
+    serve.add_argument("--model", metavar="NAME", help="quantized, fused, adapters or base")
+    serve.set_defaults(func=_serve)
     use_data = commands.add_parser(
         "use-data",
         help="point params.yaml at your own dataset (format, fields, no demo settings)",

@@ -55,7 +55,8 @@ def quantization_cost(params: Params) -> float | None:
     return float(json.loads(path.read_text())["val_loss_increase"])
 
 
-def load(params: Params, wanted: str | None) -> tuple[Any, Any]:
+def choose(params: Params, wanted: str | None) -> str:
+    """pick(), saying on stderr which model it chose and which it passed over."""
     name, passed_over = pick(params, wanted)
     for line in passed_over:
         print(f"[lorapipe] {line}", file=sys.stderr)
@@ -63,7 +64,11 @@ def load(params: Params, wanted: str | None) -> tuple[Any, Any]:
     if name == "adapters":
         shown = f"{ARTIFACTS['base'].path(params.paths)} + {shown}"
     print(f"[lorapipe] model: {name} ({shown})", file=sys.stderr)
-    return load_model(params.paths, name)
+    return name
+
+
+def load(params: Params, wanted: str | None) -> tuple[Any, Any]:
+    return load_model(params.paths, choose(params, wanted))
 
 
 def user_turn(params: Params, text: str) -> dict[str, str]:
