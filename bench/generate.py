@@ -1,19 +1,24 @@
-"""Eval's generation, batched vs one prompt at a time: same model, prompts and token budgets.
+"""Eval's generation three ways: same model, prompts and token budgets.
 
-    uv run python bench/generate.py                        # CPU: the tuned model on test prompts
+    uv run python bench/generate.py                  # CPU: the tuned model, 128 demo test prompts
+    uv run python bench/generate.py --case long      # 150 SciTLDR abstracts (bench/data)
     python3 bench/generate.py --random-weights --out $OUT/generate-gpu.json    # on a GPU machine
 
-batched     `mlx_lm.generate.batch_generate` with `eval.batch_size` prompts at a time, as the
-            eval stage calls it.
-one-by-one  `mlx_lm.generate.stream_generate` on each prompt in turn (what a loop over
-            `mlx_lm.generate` does).
-Both decode greedily up to the eval stage's budget for each prompt (`eval.max_tokens_factor` x
+lorapipe        `lorapipe.decode.generate_batch` with `eval.batch_size` prompts at a time, as the
+                eval stage calls it.
+batch_generate  `mlx_lm.generate.batch_generate` with `eval.batch_size` prompts at a time (mlx-lm's
+                default of 8 at a time for prefill), as the eval stage called it before.
+one-by-one      `mlx_lm.generate.stream_generate` on each prompt in turn (what a loop over
+                `mlx_lm.generate` does); slow on the CPU, so only with `--modes`.
+All decode greedily up to the eval stage's budget for each prompt (`eval.max_tokens_factor` x
 reference tokens + `eval.max_tokens_extra`) and stop at EOS. Tokens/s counts generated tokens
-over the wall-clock time of the whole set, prompt processing included. The two modes alternate
-`--repeats` times after a warm-up; the table gives medians. `--random-weights` initialises the
-model from `--model`'s config.json (only its config and tokenizer files are needed, so the
-model need not travel to a GPU machine); a random model rarely stops at EOS, so it generates
-each prompt's full budget in both modes.
+(an EOS included, as mlx-lm counts them) over the wall-clock time of the whole set, prompt
+processing included; tokens per CPU-second (the process's user + system time) is steadier on a
+machine others share. The modes alternate `--repeats` times after a warm-up; the table gives
+medians, MLX's peak memory, and how many outputs equal the first mode's. `--random-weights`
+initialises the model from `--model`'s config.json (only its config and tokenizer files are
+needed, so the model need not travel to a GPU machine); a random model rarely stops at EOS, so
+it generates each prompt's full budget in every mode.
 """
 
 from __future__ import annotations
@@ -33,6 +38,12 @@ from typing import Any
 from lorapipe import runtime
 
 ROOT = Path(__file__).resolve().parents[1]
+# The cases: test split and default prompt count. `long` is 150 SciTLDR test abstracts (~250
+# tokens each) with their authors' one-line TLDRs: bench/data/README.md says where from.
+CASES = {
+    "short": (ROOT / "data" / "sanitized" / "test.jsonl", 128),
+    "long": (ROOT / "bench" / "data" / "scitldr-test-150.jsonl", 150),
+}
 
 
 def load(model_dir: Path, random_weights: bool) -> tuple[Any, Any]:
@@ -76,6 +87,16 @@ def workload(tokenizer: Any, test_split: Path, count: int) -> tuple[list[list[in
     return prompts, budgets
 
 
+def lorapipe_decode(
+    model: Any, tokenizer: Any, prompts: list[list[int]], budgets: list[int], size: int
+):
+    from lorapipe.decode import generate_batch
+
+    tic = time.perf_counter()
+    texts, tokens = generate_batch(model, tokenizer, prompts, budgets, size)
+    return tokens, time.perf_counter() - tic, texts
+
+
 def batched(
     model: Any,
     tokenizer: Any,
@@ -93,7 +114,7 @@ def batched(
         prompts,
         max_tokens=budgets,
         completion_batch_size=size,
-        prefill_batch_size=prefill or size,
+        **({"prefill_batch_size": prefill} if prefill else {}),
     )
     seconds = time.perf_counter() - tic
     return response.stats.generation_tokens, seconds, list(response.texts)
@@ -117,14 +138,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(ROOT / "models" / "fused"))
     parser.add_argument("--random-weights", action="store_true")
-    parser.add_argument("--test-split", default=str(ROOT / "data" / "sanitized" / "test.jsonl"))
-    parser.add_argument("--prompts", type=int, default=48)
+    parser.add_argument("--case", choices=CASES, default="short")
+    parser.add_argument("--test-split", default=None, help="default: the case's")
+    parser.add_argument("--prompts", type=int, default=None, help="default: the case's")
     parser.add_argument("--batch-size", type=int, default=None, help="default: eval.batch_size")
     parser.add_argument(
-        "--prefill-batch-size", type=int, default=None, help="default: the batch size"
+        "--prefill-batch-size", type=int, default=None, help="batch_generate's; default: mlx-lm's"
     )
+    parser.add_argument("--modes", default="lorapipe,batch_generate", help="comma-separated")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "generate-cpu.json"))
+    parser.add_argument("--out", default=None, help="default: bench/results/generate-cpu-CASE.json")
     args = parser.parse_args()
     runtime.setup()
     import mlx.core as mx
@@ -132,34 +155,72 @@ def main() -> None:
     from lorapipe.params import load_params
 
     size = args.batch_size or load_params(ROOT / "params.yaml").eval.batch_size
+    split, count = CASES[args.case]
     model, tokenizer = load(Path(args.model), args.random_weights)
-    prompts, budgets = workload(tokenizer, Path(args.test_split), args.prompts)
-    batched(model, tokenizer, prompts[:4], budgets[:4], size)  # warm-up: kernels, caches
-    one_by_one(model, tokenizer, prompts[:1], budgets[:1])
+    prompts, budgets = workload(tokenizer, Path(args.test_split or split), args.prompts or count)
+    modes = {
+        "lorapipe": lambda: lorapipe_decode(model, tokenizer, prompts, budgets, size),
+        "batch_generate": lambda: batched(
+            model, tokenizer, prompts, budgets, size, args.prefill_batch_size
+        ),
+        "one-by-one": lambda: one_by_one(model, tokenizer, prompts, budgets),
+    }
+    modes = {name: modes[name] for name in args.modes.split(",")}
+    lorapipe_decode(model, tokenizer, prompts[:4], budgets[:4], size)  # warm-up: kernels, caches
+    batched(model, tokenizer, prompts[:4], budgets[:4], size)
 
-    runs: dict[str, list[dict[str, float]]] = {"batched": [], "one-by-one": []}
+    runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
     texts: dict[str, list[str]] = {}
     for _ in range(args.repeats):
-        for mode in runs:
-            if mode == "batched":
-                tokens, seconds, texts[mode] = batched(
-                    model, tokenizer, prompts, budgets, size, args.prefill_batch_size
-                )
-            else:
-                tokens, seconds, texts[mode] = one_by_one(model, tokenizer, prompts, budgets)
-            runs[mode].append({"tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds})
-            print(f"{mode:<11} {tokens:>6} tokens {seconds:8.2f} s {tokens / seconds:9.1f} tok/s")
+        for mode, run in modes.items():
+            mx.clear_cache()
+            mx.reset_peak_memory()
+            cpu = time.process_time()
+            tokens, seconds, texts[mode] = run()
+            cpu = time.process_time() - cpu
+            peak = mx.get_peak_memory() / 1e9
+            runs[mode].append(
+                {
+                    "tokens": tokens,
+                    "seconds": seconds,
+                    "tok_s": tokens / seconds,
+                    "cpu_seconds": cpu,
+                    "tok_per_cpu_s": tokens / cpu,
+                    "peak_gb": peak,
+                }
+            )
+            print(
+                f"{mode:<15}{tokens:>6} tokens {seconds:8.2f} s {tokens / seconds:8.1f} tok/s"
+                f" {cpu:8.2f} CPU-s {tokens / cpu:8.1f} tok/CPU-s {peak:6.2f} GB",
+                flush=True,
+            )
     medians = {mode: statistics.median(r["tok_s"] for r in rs) for mode, rs in runs.items()}
-    same = sum(a.strip() == b.strip() for a, b in zip(*texts.values(), strict=True))
-    ratio = medians["batched"] / medians["one-by-one"]
+    per_cpu = {mode: statistics.median(r["tok_per_cpu_s"] for r in rs) for mode, rs in runs.items()}
+    peaks = {mode: max(r["peak_gb"] for r in rs) for mode, rs in runs.items()}
+    first = next(iter(texts.values()))
+    same = {
+        m: sum(a.strip() == b.strip() for a, b in zip(first, t, strict=True))
+        for m, t in texts.items()
+    }
 
     device = str(mx.default_device())
+    lengths = [len(p) for p in prompts]
     print(f"\ngeneration, {device}, {platform.machine()}, Python {sys.version.split()[0]}")
-    print(f"{len(prompts)} prompts, budgets {min(budgets)}-{max(budgets)} tokens, batch {size}")
-    print(f"{'mode':<12}{'tok/s (median)':>16}")
+    print(
+        f"{args.case}: {len(prompts)} prompts of {min(lengths)}-{max(lengths)} tokens "
+        f"(median {statistics.median(lengths):.0f}), budgets {min(budgets)}-{max(budgets)} "
+        f"tokens, batch {size}"
+    )
+    print(
+        f"{'mode':<16}{'tok/s':>8}{'vs first':>10}{'tok/CPU-s':>11}{'vs first':>10}"
+        f"{'peak GB':>9}{'same as first':>15}"
+    )
+    base, base_cpu = next(iter(medians.values())), next(iter(per_cpu.values()))
     for mode, value in medians.items():
-        print(f"{mode:<12}{value:>16.1f}")
-    print(f"batched / one-by-one: {ratio:.2f}x; identical outputs: {same}/{len(prompts)}")
+        print(
+            f"{mode:<16}{value:>8.1f}{value / base:>9.2f}x{per_cpu[mode]:>11.1f}"
+            f"{per_cpu[mode] / base_cpu:>9.2f}x{peaks[mode]:>9.2f}{same[mode]:>11}/{len(prompts)}"
+        )
     record = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": device,
@@ -167,17 +228,21 @@ def main() -> None:
         "versions": {p: version(p) for p in ("mlx", "mlx-lm")},
         "model": args.model,
         "random_weights": args.random_weights,
+        "case": args.case,
         "prompts": len(prompts),
+        "prompt_tokens": lengths,
         "budgets": budgets,
         "batch_size": size,
-        "prefill_batch_size": args.prefill_batch_size or size,
+        "prefill_batch_size": args.prefill_batch_size,
         "runs": runs,
         "median_tokens_per_s": medians,
-        "ratio": ratio,
-        "identical_outputs": same,
+        "median_tokens_per_cpu_s": per_cpu,
+        "peak_memory_gb": peaks,
+        "identical_to_first": same,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    out = Path(args.out or ROOT / "bench" / "results" / f"generate-cpu-{args.case}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

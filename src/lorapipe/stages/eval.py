@@ -91,8 +91,8 @@ def evaluate_model(
     in SciTLDR). With a distributed `world`, each process takes a share of the loss batches and
     of the prompts; every process returns the whole result."""
     import mlx.core as mx
-    from mlx_lm.generate import batch_generate
 
+    from lorapipe.decode import generate_batch
     from lorapipe.launch import all_gather_json
 
     world = world if world is not None else mx.distributed.init()
@@ -112,19 +112,10 @@ def evaluate_model(
         for refs in references
     ]
     tic = time.perf_counter()
-    response = (
-        batch_generate(
-            model,
-            tokenizer,
-            [chat_prompt(tokenizer, row["messages"][:-1]) for row in firsts],
-            max_tokens=budgets,
-            completion_batch_size=config.batch_size,
-        )
-        if mine
-        else None
-    )
+    prompts = [chat_prompt(tokenizer, row["messages"][:-1]) for row in firsts]
+    texts, generated = generate_batch(model, tokenizer, prompts, budgets, config.batch_size)
     seconds = time.perf_counter() - tic
-    predictions = [text.strip() for text in response.texts] if response else []
+    predictions = [text.strip() for text in texts]
 
     results: list[dict[str, Any]] = []
     for index, row, prediction, refs in zip(mine, firsts, predictions, references, strict=True):
@@ -136,7 +127,6 @@ def evaluate_model(
         if len(refs) > 1:
             record["references"] = len(refs)
         results.append({"index": index, **record, "prediction": prediction, **scores})
-    generated = response.stats.generation_tokens if response else 0
     shares = all_gather_json({"results": results, "tokens": generated, "seconds": seconds}, world)
     if ranks > 1 and rank == 0:
         counts = " + ".join(str(len(share["results"])) for share in shares)
