@@ -28,9 +28,11 @@ if [ -n "${LORAPIPE_WHEELHOUSE:-}" ]; then
   run() { PATH="$PWD/.venv/bin:$PATH" "$@"; }
 else
   . scripts/uv.sh
+  # Bytecode compiled once at install: every `lorapipe`/`dvc` process then starts from it, even
+  # where PYTHONDONTWRITEBYTECODE is set (each stage is a new process; the tests start hundreds).
   case "$backend" in
-    cpu) "$UV" sync --locked ;;
-    cuda) "$UV" sync --locked --no-group cpu --group cuda ;;
+    cpu) "$UV" sync --locked --compile-bytecode ;;
+    cuda) "$UV" sync --locked --compile-bytecode --no-group cpu --group cuda ;;
   esac
   # Later commands use the environment as synced above (a plain `uv run` would re-sync to the
   # default groups and swap a CUDA install back to CPU).

@@ -15,7 +15,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.helpers import REPO, cli, set_params, start
+from tests.helpers import REPO, cli, dvc_ok, fresh_copy, set_params, start
 
 PROMPT = "Please meet Alice on day 3 about item 7."
 
@@ -132,26 +132,41 @@ def test_serve_says_why_it_cannot_start(tiny_project: Path, tmp_path: Path) -> N
     assert "no model to generate with" in missing.stderr and "dvc repro train" in missing.stderr
 
 
+def default_run_adapter(tmp_path: Path) -> tuple[Path, bool]:
+    """A project holding the embedded model and an adapter of the default run: this checkout's
+    (the whole run), or, in a fresh clone (CI), a copy of it trained for 30 steps only."""
+    if (REPO / "models" / "adapters" / "adapter_config.json").is_file():
+        return REPO, True
+    project = fresh_copy(tmp_path / "short-run")
+    set_params(
+        project,
+        **{"train.iters": 30, "train.warmup_steps": 5, "train.steps_per_eval": 30,
+           "train.val_batches": 2, "train.save_every": 30},
+    )  # fmt: skip
+    dvc_ok(project, "repro", "train")
+    return project, False
+
+
 @pytest.mark.slow
 def test_serve_answers_as_generate_does_with_the_default_runs_adapter(tmp_path: Path) -> None:
-    """The embedded SmolLM2-135M with the adapter of the default run (this checkout's
-    models/adapters), on a demo prompt the tuned model answers and then stops."""
-    if not (REPO / "models" / "adapters" / "adapter_config.json").is_file():
-        pytest.skip("needs the default run's models/: `dvc pull` or `dvc repro train`")
+    """The embedded SmolLM2-135M with the default run's adapter: the server's greedy answer,
+    streamed and not, is `lorapipe generate`'s."""
+    project, whole_run = default_run_adapter(tmp_path)
     params = tmp_path / "params.yaml"
-    shutil.copy(REPO / "params.yaml", params)
+    shutil.copy(project / "params.yaml", params)
     set_params(tmp_path, **{"generate.max_tokens": 64})
     prompt = "Hi Bob, lunch with Dana on Friday at noon at Rosa's?"
-    generated = cli(REPO, "generate", prompt, "--params", str(params), "--model", "adapters")
+    generated = cli(project, "generate", prompt, "--params", str(params), "--model", "adapters")
     assert generated.returncode == 0, generated.stderr
     assert "model: adapters (models/base + models/adapters)" in generated.stderr
 
-    with server(REPO, "--params", str(params), "--model", "adapters") as url:
+    with server(project, "--params", str(params), "--model", "adapters") as url:
         api = client(url)
         messages = [{"role": "user", "content": prompt}]
         answer = api.chat.completions.create(model="adapters", messages=messages)
         assert answer.choices[0].message.content == generated.stdout.removesuffix("\n")
-        assert answer.choices[0].finish_reason == "stop"
+        if whole_run:  # the tuned model answers in a line and stops (30 steps may not)
+            assert answer.choices[0].finish_reason == "stop"
         pieces = api.chat.completions.create(model="adapters", messages=messages, stream=True)
         streamed = "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
         assert streamed == answer.choices[0].message.content
