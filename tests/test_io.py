@@ -58,3 +58,13 @@ def test_atomic_dir_leaves_the_old_output_when_interrupted(tmp_path: Path) -> No
         raise KeyboardInterrupt
     assert (final / "a.txt").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_bom_past_the_first_line_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"a": 1}\n\xef\xbb\xbf{"a": 2}\n')
+    assert lines(path)[1] == (
+        "2",
+        None,
+        "invalid JSON: Unexpected UTF-8 BOM (decode using utf-8-sig) at column 1",
+    )

@@ -180,6 +180,11 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return value
 
 
+# One decoder for every line: `json.loads` with a hook builds a new one per call (~6% of
+# preprocess's time at 25k rows).
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+
 def read_jsonl(path: Path) -> Iterator[Line]:
     """Yield every non-blank line of a JSONL file, tolerating a BOM, CRLF and no final newline.
 
@@ -202,7 +207,11 @@ def read_jsonl(path: Path) -> Iterator[Line]:
                 yield Line(where, None, f"invalid UTF-8 at byte {exc.start + 1}", raw, start)
                 continue
             try:
-                value = json.loads(text, object_pairs_hook=_unique_keys)
+                if text.startswith("\ufeff"):  # a BOM past line 1: json.loads's own message
+                    raise json.JSONDecodeError(
+                        "Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0
+                    )
+                value = _DECODER.decode(text)
             except json.JSONDecodeError as exc:
                 yield Line(
                     where, None, f"invalid JSON: {exc.msg} at column {exc.colno}", raw, start
