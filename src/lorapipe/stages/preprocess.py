@@ -5,6 +5,9 @@ Every raw record ends in exactly one of three files, so rows in = kept + rejecte
                     (format `text`: {"text": ..., "meta": ...})
   rejected.jsonl    well-formed rows a rule filtered out, with the reason
   quarantine.jsonl  malformed records (bad UTF-8, bad JSON, wrong types, empty fields)
+
+Records are read, decided and written a chunk at a time (`CHUNK` rows, one tokenizer call), so
+memory does not grow with the data: a million rows are read in the memory of a few thousand.
 """
 
 from __future__ import annotations

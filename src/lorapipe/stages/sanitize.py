@@ -4,7 +4,8 @@ Lengths are measured as training sees them: after the chat template, in base-mod
 over `sanitize.max_tokens` is dropped, truncated (its last answer is cut) or an error, per
 `sanitize.overlength`; never cut silently. Every row ends in the sanitized split or in
 quarantine.jsonl with its reason, and the data contract (`metrics/data.json`) and report
-(`reports/data.md`) record the counts, never the PII itself.
+(`reports/data.md`) record the counts, never the PII itself. Rows stream through a chunk at a
+time, as in preprocess; token lengths are kept as a histogram, not a list.
 """
 
 from __future__ import annotations
