@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -104,7 +103,6 @@ class JsonlFiles:
 
     def __init__(self, folder: Path, names: Iterable[str]) -> None:
         self.folder = Path(folder)
-        self.counts: Counter[str] = Counter()
         self._files: dict[tuple[str, int], IO[bytes]] = {}
         for name in names:
             self._file(name, 0)
@@ -121,7 +119,6 @@ class JsonlFiles:
     def write_line(self, name: str, line: bytes, part: int = 0) -> None:
         """A line already in JSONL form, ending in LF."""
         self._file(name, part).write(line)
-        self.counts[name] += 1
 
     def _file(self, name: str, part: int) -> IO[bytes]:
         f = self._files.get((name, part))

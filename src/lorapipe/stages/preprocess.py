@@ -34,8 +34,8 @@ class PreprocessError(LorapipeError):
     """A malformed record under `on_error: raise`, or nothing left to train on."""
 
 
-# Rows per tokenizer call: big enough for the Rust tokenizer's threads, small enough that a
-# chunk's texts stay a few MB (bench/README.md, "data.py").
+# Rows per tokenizer call: enough that a call keeps the Rust tokenizer's threads busy and its
+# overhead is nothing, few enough that a chunk's rows are a few MB. Not tuned beyond that.
 CHUNK = 4096
 ROWS, REJECTED, QUARANTINE = "rows.jsonl", "rejected.jsonl", "quarantine.jsonl"
 # Where a row goes: (file, part, row). rejected.jsonl lists the rules' rejections rule by rule,
