@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -357,3 +358,15 @@ def tiny_project(dest: Path, model: Path) -> Path:
     set_params(dest, **{"model.source": str(model), **TINY_RUN})
     commit_all(dest, "tiny model, short run")
     return dest
+
+
+# --- the data stages' row events -----------------------------------------------------------------
+
+
+def collect(events: Iterable[tuple[str, int, Any]]) -> dict[str, list[Any]]:
+    """A data stage's (file, part, row) events as its files hold them: each file's rows, its
+    parts joined in part order."""
+    parts: dict[str, dict[int, list[Any]]] = {}
+    for name, part, row in events:
+        parts.setdefault(name, {}).setdefault(part, []).append(row)
+    return {name: [r for _, rows in sorted(p.items()) for r in rows] for name, p in parts.items()}

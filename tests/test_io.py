@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from lorapipe.io import atomic_dir, atomic_write_jsonl, read_jsonl
+from lorapipe.io import JsonlFiles, atomic_dir, atomic_write_jsonl, read_jsonl
 
 
 def lines(path: Path) -> list[tuple[str, object, str | None]]:
@@ -58,3 +58,27 @@ def test_atomic_dir_leaves_the_old_output_when_interrupted(tmp_path: Path) -> No
         raise KeyboardInterrupt
     assert (final / "a.txt").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_bom_past_the_first_line_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"a": 1}\n\xef\xbb\xbf{"a": 2}\n')
+    assert lines(path)[1] == (
+        "2",
+        None,
+        "invalid JSON: Unexpected UTF-8 BOM (decode using utf-8-sig) at column 1",
+    )
+
+
+def test_jsonl_files_join_parts_in_order_and_write_what_atomic_write_jsonl_writes(
+    tmp_path: Path,
+) -> None:
+    rows = [{"t": "東京", "b": 1}, {"t": "b"}, {"t": "c"}]
+    atomic_write_jsonl(tmp_path / "whole.jsonl", rows)
+    with JsonlFiles(tmp_path, ["x.jsonl", "empty.jsonl"]) as files:
+        files.write("x.jsonl", rows[2], part=1)  # a later part, written first
+        files.write("x.jsonl", rows[0])
+        files.write("x.jsonl", rows[1])
+    assert (tmp_path / "x.jsonl").read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "whole.jsonl", "x.jsonl"]
+    assert (tmp_path / "empty.jsonl").read_bytes() == b""

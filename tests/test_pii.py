@@ -380,3 +380,14 @@ def test_unknown_kind_is_a_one_line_error_naming_it() -> None:
 def test_unknown_phone_region_is_an_error() -> None:
     with pytest.raises(ValueError, match="unknown phone region 'USA'"):
         Scrubber(["phone"], phone_region="USA")
+
+
+def test_a_repeated_text_is_redacted_alike_each_time() -> None:
+    """redact remembers recent texts (a system prompt on every row); callers get their own
+    counts, so one caller's changes never reach the next."""
+    scrubber = Scrubber(PII_KINDS)
+    text = "Write to jane.doe@example.com or 203.0.113.7"
+    first, counts = scrubber.redact(text)
+    counts["email"] += 5
+    assert scrubber.redact(text) == (first, Counter(email=1, ip_address=1))
+    assert first == "Write to [EMAIL] or [IP_ADDRESS]"

@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,16 @@ import pytest
 
 from lorapipe.datasource import DataSourceError, read_source
 from lorapipe.params import Params, RatioLimit, load_params
-from lorapipe.stages.preprocess import PreprocessError, preprocess
-from tests.helpers import REPO, set_params
+from lorapipe.stages.preprocess import (
+    CHUNK,
+    QUARANTINE,
+    REJECTED,
+    ROWS,
+    Outcome,
+    PreprocessError,
+    preprocess,
+)
+from tests.helpers import REPO, collect, set_params
 
 
 @pytest.fixture(scope="module")
@@ -25,16 +34,39 @@ def chars(texts: list[str]) -> list[int]:
     return [len(t) for t in texts]
 
 
+@dataclass
+class Ran:
+    """What preprocess wrote (each file's rows) and counted."""
+
+    outcome: Outcome
+    files: dict[str, list[Any]]
+
+    @property
+    def kept(self) -> list[Any]:
+        return self.files.get(ROWS, [])
+
+    @property
+    def rejected(self) -> list[Any]:
+        return self.files.get(REJECTED, [])
+
+    @property
+    def quarantined(self) -> list[Any]:
+        return self.files.get(QUARANTINE, [])
+
+
 def run(
     source: Path | str,
     shipped: Params,
     count: Callable[[list[str]], list[int]] = chars,
     data: dict[str, Any] | None = None,
     pre: dict[str, Any] | None = None,
-):
+    chunk: int = CHUNK,
+) -> Ran:
     data_params = dataclasses.replace(shipped.data, source=str(source), **(data or {}))
     pre_params = dataclasses.replace(shipped.preprocess, **(pre or {}))
-    return preprocess(read_source(data_params), data_params, pre_params, count)
+    outcome = Outcome()
+    events = preprocess(read_source(data_params), data_params, pre_params, count, outcome, chunk)
+    return Ran(outcome, collect(events))
 
 
 def write_jsonl(path: Path, rows: list[Any]) -> Path:
@@ -47,8 +79,8 @@ def test_completions_become_chat_rows_with_their_source(tmp_path: Path, shipped:
         tmp_path / "pairs.jsonl",
         [{"id": "a", "kind": "nl", "input": "a long input text here", "output": "short"}],
     )
-    outcome = run(path, shipped, data={"prompt_template": "Compress:\n{prompt}"})
-    assert outcome.kept == [
+    ran = run(path, shipped, data={"prompt_template": "Compress:\n{prompt}"})
+    assert ran.kept == [
         {
             "messages": [
                 {"role": "system", "content": shipped.data.system_prompt},
@@ -71,12 +103,12 @@ def test_artifacts_are_stripped_and_an_empty_answer_is_rejected(
             {"input": "x" * 50, "output": "<think>only thinking</think>"},
         ],
     )
-    outcome = run(path, shipped)
-    assert [r["messages"][-1]["content"] for r in outcome.kept] == ["the answer", "answer 2"]
-    assert [(r["source"], r["reason"]) for r in outcome.rejected] == [
+    ran = run(path, shipped)
+    assert [r["messages"][-1]["content"] for r in ran.kept] == ["the answer", "answer 2"]
+    assert [(r["source"], r["reason"]) for r in ran.rejected] == [
         (f"{path}:3", "empty_after_strip")
     ]
-    assert sum(outcome.stripped.values()) == 3
+    assert sum(ran.outcome.stripped.values()) == 3
 
 
 def test_ratio_limits_per_file_in_chars_and_tokens(tmp_path: Path, shipped: Params) -> None:
@@ -87,8 +119,8 @@ def test_ratio_limits_per_file_in_chars_and_tokens(tmp_path: Path, shipped: Para
         RatioLimit("nl_*", max_char_ratio=0.85, max_token_ratio=None),
         RatioLimit("*", max_char_ratio=1.0, max_token_ratio=0.5),
     )
-    outcome = run(tmp_path / "*.jsonl", shipped, pre={"ratio_limits": limits})
-    assert sorted((r["source"], r["reason"]) for r in outcome.rejected) == [
+    ran = run(tmp_path / "*.jsonl", shipped, pre={"ratio_limits": limits})
+    assert sorted((r["source"], r["reason"]) for r in ran.rejected) == [
         (f"{code}:1", "token_ratio"),
         (f"{nl}:1", "char_ratio"),
     ]
@@ -104,8 +136,8 @@ def test_token_ratio_uses_the_tokenizer(tiny_model_dir: Path, tmp_path: Path, sh
     # Same characters, very different token counts: digits the tiny BPE learned vs. rare bytes.
     path = write_jsonl(tmp_path / "p.jsonl", [{"input": "0123456789" * 3, "output": "ŧ€ʬ" * 3}])
     limits = (RatioLimit("*", max_char_ratio=None, max_token_ratio=1.0),)
-    outcome = run(path, shipped, tokenizer.count, pre={"ratio_limits": limits})
-    assert [r["reason"] for r in outcome.rejected] == ["token_ratio"]
+    ran = run(path, shipped, tokenizer.count, pre={"ratio_limits": limits})
+    assert [r["reason"] for r in ran.rejected] == ["token_ratio"]
 
 
 BAD_LINES = [
@@ -127,12 +159,12 @@ def test_malformed_lines_are_quarantined_with_reason_and_nothing_is_lost(
     good = b'{"input": "a long enough input", "output": "short"}'
     path = tmp_path / "p.jsonl"
     path.write_bytes(b"\n".join([good, *(line for line, _ in BAD_LINES), b"", good]))
-    outcome = run(path, shipped)
-    assert len(outcome.kept) == 2
-    assert [(q["source"], q["reason"]) for q in outcome.quarantined] == [
+    ran = run(path, shipped)
+    assert len(ran.kept) == 2
+    assert [(q["source"], q["reason"]) for q in ran.quarantined] == [
         (f"{path}:{i}", reason) for i, (_, reason) in enumerate(BAD_LINES, start=2)
     ]
-    metrics = outcome.metrics()
+    metrics = ran.outcome.metrics()
     total = 2 + len(BAD_LINES)
     assert (
         metrics["rows_in"]
@@ -162,14 +194,14 @@ def test_chat_format_with_a_field_map(tmp_path: Path, shipped: Params) -> None:
         ],
     )
     fields = dataclasses.replace(shipped.data.fields, messages="conv")
-    outcome = run(
+    ran = run(
         path,
         shipped,
         data={"format": "chat", "fields": fields, "system_prompt": None},
         pre={"ratio_limits": ()},
     )
-    assert outcome.kept[0]["messages"][0] == {"role": "user", "content": "hi"}
-    assert [q["reason"] for q in outcome.quarantined] == ["bad_role", "wrong_type"]
+    assert ran.kept[0]["messages"][0] == {"role": "user", "content": "hi"}
+    assert [q["reason"] for q in ran.quarantined] == ["bad_role", "wrong_type"]
 
 
 def test_text_format_and_csv_json_parquet_sources(tmp_path: Path, shipped: Params) -> None:
@@ -185,9 +217,9 @@ def test_text_format_and_csv_json_parquet_sources(tmp_path: Path, shipped: Param
         writer.writerows(rows)
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
     fields = dataclasses.replace(shipped.data.fields, text="body")
-    outcome = run(tmp_path, shipped, data={"format": "text", "fields": fields})
-    assert [r["text"] for r in outcome.kept] == ["first text", "second text"] * 4
-    assert [r["meta"]["source"] for r in outcome.kept[4:6]] == [
+    ran = run(tmp_path, shipped, data={"format": "text", "fields": fields})
+    assert [r["text"] for r in ran.kept] == ["first text", "second text"] * 4
+    assert [r["meta"]["source"] for r in ran.kept[4:6]] == [
         f"{tmp_path / 'c.csv'}:2",
         f"{tmp_path / 'c.csv'}:3",
     ]
@@ -207,10 +239,7 @@ def test_demo_data_counts_match_its_manifest(shipped: Params) -> None:
     limits = tuple(
         dataclasses.replace(r, max_token_ratio=None) for r in shipped.preprocess.ratio_limits
     )
-    data = dataclasses.replace(shipped.data, source=str(REPO / "data/raw/*.jsonl"))
-    outcome = preprocess(
-        read_source(data), data, dataclasses.replace(shipped.preprocess, ratio_limits=limits), chars
-    )
+    outcome = run(REPO / "data/raw/*.jsonl", shipped, pre={"ratio_limits": limits}).outcome
     m = outcome.metrics()
     total = lambda key: sum(f[key] for f in manifest.values())  # noqa: E731
     defect = lambda key: sum(f["defects"][key]["count"] for f in manifest.values())  # noqa: E731
@@ -220,6 +249,24 @@ def test_demo_data_counts_match_its_manifest(shipped: Params) -> None:
     assert m["quarantined"] == malformed + defect("empty")
     assert m["rejected_by_reason"] == {"char_ratio": defect("ratio")}
     assert sum(outcome.stripped.values()) == defect("think") + defect("tool_call")
+
+
+def test_rows_decided_chunk_by_chunk_land_as_in_one_pass(tmp_path: Path, shipped: Params) -> None:
+    """Rows are decided a chunk at a time (one tokenizer call each, streamed to the files):
+    whatever the chunk size, each file holds the same rows in the same order, rejected.jsonl
+    the strip rule's rejections first, then the ratio limits'."""
+    outputs = ("ok", "<think>all</think>", "y" * 30) * 3
+    rows = [{"input": "x" * 20, "output": output} for output in outputs]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    chunked = run(path, shipped, chunk=2)
+    assert [(r["source"], r["reason"]) for r in chunked.rejected] == [
+        *((f"{path}:{i}", "empty_after_strip") for i in (2, 5, 8)),
+        *((f"{path}:{i}", "char_ratio") for i in (3, 6, 9)),
+    ]
+    for source in (path, REPO / "data/raw/*.jsonl"):
+        whole, chunked = run(source, shipped, chunk=10**9), run(source, shipped, chunk=3)
+        assert chunked.files == whole.files
+        assert chunked.outcome.metrics() == whole.outcome.metrics()
 
 
 def hub_project(project: Path, tiny_model_dir: Path, cache: Path, revision: str | None) -> None:
@@ -333,11 +380,9 @@ def test_a_csv_record_spanning_lines_is_named_by_its_first_line(
 ) -> None:
     path = tmp_path / "p.csv"
     path.write_text('input,output\n"a long\nmulti-line\ninput",short\n\n"x",y,extra\n')
-    outcome = run(path, shipped, pre={"ratio_limits": ()})
-    assert [r["meta"]["source"] for r in outcome.kept] == [f"{path}:2"]
-    assert [(q["source"], q["reason"]) for q in outcome.quarantined] == [
-        (f"{path}:6", "bad_csv_row")
-    ]
+    ran = run(path, shipped, pre={"ratio_limits": ()})
+    assert [r["meta"]["source"] for r in ran.kept] == [f"{path}:2"]
+    assert [(q["source"], q["reason"]) for q in ran.quarantined] == [(f"{path}:6", "bad_csv_row")]
 
 
 def test_on_error_raise_stops_at_a_conversation_out_of_order(

@@ -10,6 +10,7 @@ import re
 import statistics
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,14 @@ from lorapipe.params import Params, load_params
 from lorapipe.pii import PII_KINDS, Scrubber
 from lorapipe.stages import sanitize
 from lorapipe.stages.sanitize import (
+    QUARANTINE,
     ChatLengths,
     SanitizeError,
     SplitReport,
     contract,
     sanitize_split,
 )
-from tests.helpers import REPO
+from tests.helpers import REPO, collect
 
 # Planted PII. The key is assembled at run time so that secret scanners do not flag this file.
 EMAIL = "jane.doe@example.com"
@@ -76,9 +78,22 @@ def chat(source: str, *turns: str, system: str | None = "You are helpful.") -> R
     return {"messages": messages, "meta": {"source": source}}
 
 
-def run(rows: list[Row], shipped: Params, lengths: ChatLengths, **changes: Any) -> SplitReport:
+@dataclass
+class Ran:
+    """What sanitize wrote for a train split (its rows, its quarantined rows) and counted."""
+
+    report: SplitReport
+    kept: list[Row]
+    quarantined: list[Row]
+
+
+def run(
+    rows: list[Row], shipped: Params, lengths: ChatLengths, chunk: int = 4096, **changes: Any
+) -> Ran:
     params = dataclasses.replace(shipped.sanitize, **changes)
-    return sanitize_split("train", rows, params, SCRUBBER, lengths)
+    report = SplitReport()
+    files = collect(sanitize_split("train", rows, params, SCRUBBER, lengths, report, chunk))
+    return Ran(report, files.get("train.jsonl", []), files.get(QUARANTINE, []))
 
 
 def sources(rows: list[Row]) -> list[str]:
@@ -146,15 +161,34 @@ def test_role_order_quarantines_each_broken_row_with_its_reason(
         {"text": "a plain text row", "meta": {"source": "g:3"}},
     ]
     rows = [row for row, _ in BAD_ROWS.values()] + copy.deepcopy(good)
-    report = run(rows, shipped, lengths)
+    ran = run(rows, shipped, lengths)
 
-    assert report.kept == good
-    assert {q["source"]: (q["split"], q["reason"], q["detail"]) for q in report.quarantined} == {
+    assert ran.kept == good
+    assert {q["source"]: (q["split"], q["reason"], q["detail"]) for q in ran.quarantined} == {
         row["meta"]["source"]: ("train", "role_order", detail) for row, detail in BAD_ROWS.values()
     }
-    assert [q["row"] for q in report.quarantined] == [row for row, _ in BAD_ROWS.values()]
-    assert report.rows_in == len(report.kept) + len(report.quarantined) == len(rows)
-    assert report.metrics()["quarantined_by_reason"] == {"role_order": len(BAD_ROWS)}
+    assert [q["row"] for q in ran.quarantined] == [row for row, _ in BAD_ROWS.values()]
+    assert ran.report.rows_in == len(ran.kept) + len(ran.quarantined) == len(rows)
+    assert ran.report.metrics()["quarantined_by_reason"] == {"role_order": len(BAD_ROWS)}
+
+
+def test_rows_decided_chunk_by_chunk_land_as_in_one_pass(
+    shipped: Params, lengths: ChatLengths, count: Callable[[Row], int]
+) -> None:
+    """Rows are decided a chunk at a time (one tokenizer call each, streamed to the files):
+    whatever the chunk size, the same rows in the same order, a split's quarantined rows with
+    broken roles first, then those over the length limit."""
+    long = chat("long", "q", "word " * 40)
+    bad = [row for row, _ in BAD_ROWS.values()]
+    rows = [r for i, row in enumerate(bad) for r in (row, long, chat(f"g:{i}", "q", "a"))]
+    changes = {"max_tokens": count(long) - 1, "overlength": "drop"}
+    whole = run(copy.deepcopy(rows), shipped, lengths, **changes)
+    chunked = run(copy.deepcopy(rows), shipped, lengths, chunk=2, **changes)
+    assert [q["reason"] for q in chunked.quarantined] == ["role_order"] * len(bad) + [
+        "overlength"
+    ] * len(bad)
+    assert (chunked.kept, chunked.quarantined) == (whole.kept, whole.quarantined)
+    assert chunked.report.metrics() == whole.report.metrics()
 
 
 # --- lengths ------------------------------------------------------------------------------------
@@ -165,14 +199,14 @@ def test_lengths_are_tokens_after_the_chat_template_and_the_contract_matches(
 ) -> None:
     rows = [chat(f"c:{i}", f"question {i}?", "the answer is " + "Paris " * i) for i in range(23)]
     rows.append(chat("c:multi", "q1", "a1", "q2", "a2", system=None))
-    report = run(rows, shipped, lengths)
+    ran = run(rows, shipped, lengths)
 
     expected = [count(row) for row in rows]
-    assert report.lengths == expected
+    assert ran.report.lengths == Counter(expected)
     # The template's role headers and end markers count: more than the contents alone.
     assert expected[0] > count({"text": "You are helpful.question 0?the answer is "}) + 6
 
-    data = contract({"train": report}, {}, shipped)
+    data = contract({"train": ran.report}, {}, shipped)
     assert data["splits"]["train"]["tokens"] == {
         "min": min(expected),
         "median": statistics.median_low(expected),  # a real row length
@@ -181,6 +215,9 @@ def test_lengths_are_tokens_after_the_chat_template_and_the_contract_matches(
         "max": max(expected),
         "total": sum(expected),
     }
+    # An odd count: the median is the middle row's (the stats come from a histogram).
+    odd = contract({"train": run(rows[1:], shipped, lengths).report}, {}, shipped)
+    assert odd["splits"]["train"]["tokens"]["median"] == statistics.median(expected[1:])
     assert data["schema"]["format"] == "chat"
     assert data["max_tokens"] == shipped.sanitize.max_tokens
 
@@ -194,18 +231,18 @@ def test_overlength_drop_quarantines_with_the_count_and_the_limit(
     short = chat("s:1", "q", "short answer")
     long = chat("s:2", "q", "a much longer answer " * 10)
     limit = count(short)  # a row exactly at the limit stays
-    report = run([short, long], shipped, lengths, max_tokens=limit, overlength="drop")
+    ran = run([short, long], shipped, lengths, max_tokens=limit, overlength="drop")
 
-    assert sources(report.kept) == ["s:1"]
-    assert report.lengths == [limit]
-    assert [(q["source"], q["reason"], q["detail"]) for q in report.quarantined] == [
+    assert sources(ran.kept) == ["s:1"]
+    assert ran.report.lengths == Counter([limit])
+    assert [(q["source"], q["reason"], q["detail"]) for q in ran.quarantined] == [
         (
             "s:2",
             "overlength",
             f"{count(long)} tokens after the chat template > sanitize.max_tokens {limit}",
         )
     ]
-    assert report.truncated == 0
+    assert ran.report.truncated == 0
 
 
 @pytest.mark.parametrize(
@@ -219,17 +256,15 @@ def test_overlength_truncate_cuts_only_the_last_answer_to_fit(
     row = chat("t:1", "first question", "first answer", "second question", answer)
     # Every limit in a range, so that some cuts fall inside a multi-byte character.
     for limit in range(count(row) - 30, count(row)):
-        report = run(
-            [copy.deepcopy(row)], shipped, lengths, max_tokens=limit, overlength="truncate"
-        )
-        assert report.quarantined == [] and report.truncated == 1, limit
-        [cut] = report.kept
+        ran = run([copy.deepcopy(row)], shipped, lengths, max_tokens=limit, overlength="truncate")
+        assert ran.quarantined == [] and ran.report.truncated == 1, limit
+        [cut] = ran.kept
         assert cut["meta"] == row["meta"], limit
         assert cut["messages"][:-1] == row["messages"][:-1], limit
         kept_answer = cut["messages"][-1]["content"]
         # A prefix of the real answer ending on a whole character: no U+FFFD.
         assert kept_answer.strip() and answer.startswith(kept_answer), (limit, kept_answer)
-        assert report.lengths == [count(cut)], limit
+        assert ran.report.lengths == Counter([count(cut)]), limit
         # Fits the limit, and is cut near it (an emoji is 4 byte tokens), not to nothing.
         assert limit - 6 <= count(cut) <= limit, limit
 
@@ -241,8 +276,8 @@ def test_overlength_truncate_of_a_text_row_fits(
     limits = range(10, 40)
     rows = [{"text": text, "meta": {"source": f"x:{limit}"}} for limit in limits]
     for row, limit in zip(rows, limits, strict=True):
-        report = run([row], shipped, lengths, max_tokens=limit, overlength="truncate")
-        [cut] = report.kept
+        ran = run([row], shipped, lengths, max_tokens=limit, overlength="truncate")
+        [cut] = ran.kept
         assert text.startswith(cut["text"]) and "\ufffd" not in cut["text"], limit
         assert limit - 6 <= count(cut) <= limit, limit
 
@@ -252,10 +287,10 @@ def test_overlength_truncate_quarantines_a_row_whose_prompt_alone_is_too_long(
 ) -> None:
     row = chat("p:1", "a very long question " * 20, "ok")
     limit = count(row) - 10
-    report = run([copy.deepcopy(row)], shipped, lengths, max_tokens=limit, overlength="truncate")
+    ran = run([copy.deepcopy(row)], shipped, lengths, max_tokens=limit, overlength="truncate")
 
-    assert report.kept == [] and report.truncated == 0
-    assert [(q["reason"], q["detail"], q["row"]) for q in report.quarantined] == [
+    assert ran.kept == [] and ran.report.truncated == 0
+    assert [(q["reason"], q["detail"], q["row"]) for q in ran.quarantined] == [
         (
             "overlength",
             f"{count(row)} tokens after the chat template > sanitize.max_tokens {limit} "
@@ -294,10 +329,10 @@ def pii_rows() -> list[Row]:
 def test_pii_redact_replaces_values_with_placeholders_and_counts_kinds(
     shipped: Params, lengths: ChatLengths
 ) -> None:
-    report = run(pii_rows(), shipped, lengths, pii_action="redact")
+    ran = run(pii_rows(), shipped, lengths, pii_action="redact")
 
-    assert report.quarantined == []
-    first, clean, text = report.kept
+    assert ran.quarantined == []
+    first, clean, text = ran.kept
     assert [m["content"] for m in first["messages"]] == [
         "You are helpful.",
         "Mail [EMAIL] or call [PHONE].",
@@ -305,25 +340,25 @@ def test_pii_redact_replaces_values_with_placeholders_and_counts_kinds(
     ]
     assert clean == pii_rows()[1]
     assert text["text"] == "Contact: [EMAIL]"
-    assert report.pii_found == Counter(email=2, phone=1, api_key=1, ip_address=1)
-    assert report.metrics()["rows_with_pii"] == 2
-    kept = json.dumps(report.kept)
+    assert ran.report.pii_found == Counter(email=2, phone=1, api_key=1, ip_address=1)
+    assert ran.report.metrics()["rows_with_pii"] == 2
+    kept = json.dumps(ran.kept)
     assert not [value for value in PII_VALUES if value in kept]
 
 
 def test_pii_drop_quarantines_the_row_naming_the_kinds(
     shipped: Params, lengths: ChatLengths
 ) -> None:
-    report = run(pii_rows(), shipped, lengths, pii_action="drop")
+    ran = run(pii_rows(), shipped, lengths, pii_action="drop")
 
-    assert report.kept == [pii_rows()[1]]
-    assert [(q["source"], q["reason"], q["detail"]) for q in report.quarantined] == [
+    assert ran.kept == [pii_rows()[1]]
+    assert [(q["source"], q["reason"], q["detail"]) for q in ran.quarantined] == [
         ("pii:1", "pii", "contains api_key, email, ip_address, phone"),
         ("pii:2", "pii", "contains email"),
     ]
-    assert report.pii_found == Counter(email=2, phone=1, api_key=1, ip_address=1)
-    assert report.rows_in == len(report.kept) + len(report.quarantined)
-    quarantined = json.dumps(report.quarantined)
+    assert ran.report.pii_found == Counter(email=2, phone=1, api_key=1, ip_address=1)
+    assert ran.report.rows_in == len(ran.kept) + len(ran.quarantined)
+    quarantined = json.dumps(ran.quarantined)
     assert "[EMAIL]" in quarantined
     assert not [value for value in PII_VALUES if value in quarantined]
 

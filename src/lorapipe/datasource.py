@@ -175,8 +175,9 @@ def _read_csv(path: Path) -> Iterator[RawRecord]:
 def _read_parquet(path: Path) -> Iterator[RawRecord]:
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
-    for i, value in enumerate(table.to_pylist(), start=1):
+    # Batch by batch, not the whole table: a million rows are read in constant memory.
+    rows = (v for b in pq.ParquetFile(path).iter_batches(batch_size=4096) for v in b.to_pylist())
+    for i, value in enumerate(rows, start=1):
         yield RawRecord(f"{path}: row {i}", path.name, value, None, json.dumps(value, default=str))
 
 

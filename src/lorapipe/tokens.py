@@ -9,10 +9,11 @@ the data stages' time on the 25k-row benchmark (bench/data.py).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lorapipe.errors import LorapipeError
 
@@ -26,6 +27,26 @@ _TEMPLATE_TOKENS = (
     "cls_token",
     "mask_token",
 )
+
+
+T = TypeVar("T")
+
+
+def count_ahead(
+    batches: Iterable[tuple[T, Sequence[str]]], count: Callable[[Sequence[str]], list[int]]
+) -> Iterator[tuple[T, list[int]]]:
+    """Each batch's item with the token counts of its texts, in order. A batch is counted on a
+    thread while the caller prepares the next one and uses the last one's counts: the Rust
+    tokenizer releases the GIL, so Python's share of the work runs beside it."""
+    with ThreadPoolExecutor(1, thread_name_prefix="count") as pool:
+        ahead: tuple[T, Future[list[int]]] | None = None
+        for item, texts in batches:
+            future = pool.submit(count, texts)
+            if ahead is not None:
+                yield ahead[0], ahead[1].result()
+            ahead = (item, future)
+        if ahead is not None:
+            yield ahead[0], ahead[1].result()
 
 
 class BaseTokenizer:

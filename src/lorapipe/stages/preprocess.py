@@ -5,6 +5,9 @@ Every raw record ends in exactly one of three files, so rows in = kept + rejecte
                     (format `text`: {"text": ..., "meta": ...})
   rejected.jsonl    well-formed rows a rule filtered out, with the reason
   quarantine.jsonl  malformed records (bad UTF-8, bad JSON, wrong types, empty fields)
+
+Records are read, decided and written a chunk at a time (`CHUNK` rows, one tokenizer call), so
+memory does not grow with the data: a million rows are read in the memory of a few thousand.
 """
 
 from __future__ import annotations
@@ -12,16 +15,17 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lorapipe.datasource import RawRecord, check_tracked, read_source
 from lorapipe.errors import LorapipeError
-from lorapipe.io import atomic_dir, atomic_write_json, atomic_write_jsonl
+from lorapipe.io import JsonlFiles, atomic_dir, atomic_write_json
 from lorapipe.params import DataParams, Params, PreprocessParams, RatioLimit
 from lorapipe.schema import ROLES, control_character, role_problem
+from lorapipe.tokens import count_ahead
 
 PARAMS = ("data", "preprocess")
 
@@ -30,26 +34,46 @@ class PreprocessError(LorapipeError):
     """A malformed record under `on_error: raise`, or nothing left to train on."""
 
 
+# Rows per tokenizer call: enough that a call keeps the Rust tokenizer's threads busy and its
+# overhead is nothing, few enough that a chunk's rows are a few MB. Not tuned beyond that.
+CHUNK = 4096
+ROWS, REJECTED, QUARANTINE = "rows.jsonl", "rejected.jsonl", "quarantine.jsonl"
+# Where a row goes: (file, part, row). rejected.jsonl lists the rules' rejections rule by rule,
+# each in input order: part 0 is empty_after_strip, part 1 the ratio limits.
+Event = tuple[str, int, dict[str, Any]]
+
+
 @dataclass
 class Outcome:
-    kept: list[dict[str, Any]] = field(default_factory=list)
-    rejected: list[dict[str, Any]] = field(default_factory=list)
-    quarantined: list[dict[str, Any]] = field(default_factory=list)
+    """The counts of a preprocess run; the rows themselves go to the files as they are decided."""
+
+    kept: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)  # by reason
+    quarantined: Counter[str] = field(default_factory=Counter)  # by reason
     stripped: Counter[str] = field(default_factory=Counter)
     system_prompt_added: int = 0  # rows given data.system_prompt as their system turn
     kept_fields: Counter[str] = field(default_factory=Counter)  # rows carrying each keep_field
+    # The first quarantined and the first rejected record, for the error when none is kept.
+    first: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def count(self, event: Event) -> Event:
+        name, _, item = event
+        if name == ROWS:
+            self.kept += 1
+        else:
+            (self.quarantined if name == QUARANTINE else self.rejected)[item["reason"]] += 1
+            self.first.setdefault(name, item)
+        return event
 
     def metrics(self) -> dict[str, Any]:
-        def by_reason(rows: list[dict[str, Any]]) -> dict[str, int]:
-            return dict(sorted(Counter(r["reason"] for r in rows).items()))
-
+        rejected, quarantined = self.rejected.total(), self.quarantined.total()
         return {
-            "rows_in": len(self.kept) + len(self.rejected) + len(self.quarantined),
-            "kept": len(self.kept),
-            "rejected": len(self.rejected),
-            "quarantined": len(self.quarantined),
-            "rejected_by_reason": by_reason(self.rejected),
-            "quarantined_by_reason": by_reason(self.quarantined),
+            "rows_in": self.kept + rejected + quarantined,
+            "kept": self.kept,
+            "rejected": rejected,
+            "quarantined": quarantined,
+            "rejected_by_reason": dict(sorted(self.rejected.items())),
+            "quarantined_by_reason": dict(sorted(self.quarantined.items())),
             "artifacts_stripped": dict(sorted(self.stripped.items())),
             "system_prompt_added": self.system_prompt_added,
             "keep_fields_found": dict(sorted(self.kept_fields.items())),
@@ -69,11 +93,39 @@ def preprocess(
     data: DataParams,
     params: PreprocessParams,
     count_tokens: Any,
-) -> Outcome:
-    """Normalize, strip and filter `records`. `count_tokens(texts) -> lengths` (batched)."""
-    outcome = Outcome()
+    outcome: Outcome,
+    chunk: int = CHUNK,
+) -> Iterator[Event]:
+    """Normalize, strip and filter `records`, one chunk at a time: each record's (file, part,
+    row), counted in `outcome`. `count_tokens(texts) -> lengths` (batched)."""
+    batches = _first_pass(records, data, params, outcome, chunk)
+    for (events, candidates, sides, limits, needs_tokens), lengths in count_ahead(
+        batches, count_tokens
+    ):
+        yield from map(outcome.count, events)
+        token_sides = {i: (lengths[2 * k], lengths[2 * k + 1]) for k, i in enumerate(needs_tokens)}
+        for i, row in enumerate(candidates):
+            verdict = _ratio_verdict(sides[i], token_sides.get(i), limits[i])
+            if verdict is None:
+                yield outcome.count((ROWS, 0, row))
+            else:
+                yield outcome.count((REJECTED, 1, _rejection(row, *verdict)))
+
+
+def _first_pass(
+    records: Iterable[RawRecord],
+    data: DataParams,
+    params: PreprocessParams,
+    outcome: Outcome,
+    chunk: int,
+) -> Iterator[tuple[Any, list[str]]]:
+    """Chunks of records read, normalized and stripped: the rows set aside so far, the
+    candidates for the ratio limits, and the texts to count tokens of (two per row that has a
+    token limit and passes its char limit)."""
     patterns = [re.compile(p) for p in params.strip_patterns]
-    candidates: list[tuple[RawRecord, dict[str, Any]]] = []
+    events: list[Event] = []
+    candidates: list[dict[str, Any]] = []
+    files: list[str] = []
     for record in records:
         try:
             if record.error is not None or record.value is None:
@@ -85,45 +137,45 @@ def preprocess(
                     f"{record.where}: {exc}; fix the record, or set preprocess.on_error: "
                     "quarantine to set it aside"
                 ) from exc
-            outcome.quarantined.append(
-                {
-                    "source": record.where,
-                    "reason": exc.reason,
-                    "detail": str(exc),
-                    "raw": record.raw,
-                }
-            )
+            quarantined = {
+                "source": record.where,
+                "reason": exc.reason,
+                "detail": str(exc),
+                "raw": record.raw,
+            }
+            events.append((QUARANTINE, 0, quarantined))
             continue
         kept = _kept_fields(record.value, data)
         outcome.kept_fields.update(kept.keys())
         outcome.system_prompt_added += added
         row["meta"] = {"source": record.where, **kept}
         if _strip_artifacts(row, patterns, outcome.stripped):
-            outcome.rejected.append(
-                _rejection(
-                    row,
-                    "empty_after_strip",
-                    "the output is empty once the generation artifacts are removed",
-                )
+            rejection = _rejection(
+                row,
+                "empty_after_strip",
+                "the output is empty once the generation artifacts are removed",
             )
+            events.append((REJECTED, 0, rejection))
             continue
-        candidates.append((record, row))
+        candidates.append(row)
+        files.append(record.file)
+        if len(candidates) == chunk:
+            yield _batch(events, candidates, files, params)
+            events, candidates, files = [], [], []
+    yield _batch(events, candidates, files, params)
 
-    # Ratio limits in tokens need every row's token counts: one batched call, not one per row.
-    sides = [_sides(row) for _, row in candidates]
-    limits = [_limit_for(record.file, params.ratio_limits) for record, _ in candidates]
+
+def _batch(
+    events: list[Event],
+    candidates: list[dict[str, Any]],
+    files: list[str],
+    params: PreprocessParams,
+) -> tuple[Any, list[str]]:
+    sides = [_sides(row) for row in candidates]
+    limits = [_limit_for(file, params.ratio_limits) for file in files]
     needs_tokens = [i for i, limit in enumerate(limits) if limit and limit.max_token_ratio]
     texts = [text for i in needs_tokens for text in sides[i]]
-    lengths = count_tokens(texts)
-    token_sides = {i: (lengths[2 * k], lengths[2 * k + 1]) for k, i in enumerate(needs_tokens)}
-
-    for i, (_, row) in enumerate(candidates):
-        verdict = _ratio_verdict(sides[i], token_sides.get(i), limits[i])
-        if verdict is None:
-            outcome.kept.append(row)
-        else:
-            outcome.rejected.append(_rejection(row, *verdict))
-    return outcome
+    return (events, candidates, sides, limits, needs_tokens), texts
 
 
 def normalize(value: dict[str, Any], data: DataParams) -> tuple[dict[str, Any], bool]:
@@ -282,20 +334,24 @@ def main(params: Params) -> None:
 
     check_tracked(params.data.source, params.paths.raw)
     tokenizer = BaseTokenizer(params.paths.base)
-    outcome = preprocess(read_source(params.data), params.data, params.preprocess, tokenizer.count)
-    if not outcome.kept:
-        m = outcome.metrics()
-        first = (outcome.quarantined or outcome.rejected or [{}])[0]
-        example = f"; the first: {first['source']}: {first['detail']}" if first else ""
-        raise PreprocessError(
-            f"preprocess: no rows left of {m['rows_in']} (rejected: {m['rejected_by_reason']}, "
-            f"quarantined: {m['quarantined_by_reason']}){example}; check data.format "
-            f"({params.data.format}) and data.fields, or loosen preprocess.ratio_limits"
-        )
+    outcome = Outcome()
     with atomic_dir(Path(params.paths.preprocessed)) as out:
-        atomic_write_jsonl(out / "rows.jsonl", outcome.kept)
-        atomic_write_jsonl(out / "rejected.jsonl", outcome.rejected)
-        atomic_write_jsonl(out / "quarantine.jsonl", outcome.quarantined)
+        with JsonlFiles(out, (ROWS, REJECTED, QUARANTINE)) as files:
+            events = preprocess(
+                read_source(params.data), params.data, params.preprocess, tokenizer.count, outcome
+            )
+            for name, part, row in events:
+                files.write(name, row, part)
+        if not outcome.kept:
+            m = outcome.metrics()
+            first = outcome.first.get(QUARANTINE) or outcome.first.get(REJECTED)
+            example = f"; the first: {first['source']}: {first['detail']}" if first else ""
+            raise PreprocessError(
+                f"preprocess: no rows left of {m['rows_in']} (rejected: "
+                f"{m['rejected_by_reason']}, quarantined: {m['quarantined_by_reason']}){example}; "
+                f"check data.format ({params.data.format}) and data.fields, or loosen "
+                "preprocess.ratio_limits"
+            )
     metrics = outcome.metrics()
     atomic_write_json(Path(params.paths.metrics) / "preprocess.json", metrics)
     print(

@@ -4,30 +4,32 @@ Lengths are measured as training sees them: after the chat template, in base-mod
 over `sanitize.max_tokens` is dropped, truncated (its last answer is cut) or an error, per
 `sanitize.overlength`; never cut silently. Every row ends in the sanitized split or in
 quarantine.jsonl with its reason, and the data contract (`metrics/data.json`) and report
-(`reports/data.md`) record the counts, never the PII itself.
+(`reports/data.md`) record the counts, never the PII itself. Rows stream through a chunk at a
+time, as in preprocess; token lengths are kept as a histogram, not a list.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from lorapipe.errors import LorapipeError
-from lorapipe.io import (
-    atomic_dir,
-    atomic_write_json,
-    atomic_write_jsonl,
-    atomic_write_text,
-    read_jsonl,
-)
+from lorapipe.io import JsonlFiles, atomic_dir, atomic_write_json, atomic_write_text, read_rows
 from lorapipe.params import SPLITS, Params, SanitizeParams
 from lorapipe.schema import role_problem
+from lorapipe.tokens import count_ahead
 
 PARAMS = ("sanitize",)
+# Rows per tokenizer call (as preprocess's CHUNK).
+CHUNK = 4096
+QUARANTINE = "quarantine.jsonl"
+# Where a row goes: (file, part, row). A split's quarantined rows come in two parts: those with
+# broken roles or PII (part 0), then those over the length limit (part 1), each in input order.
+Event = tuple[str, int, dict[str, Any]]
 
 
 class SanitizeError(LorapipeError):
@@ -35,28 +37,41 @@ class SanitizeError(LorapipeError):
 
 
 class Tokenizer(Protocol):
+    def render(self, row: dict[str, Any]) -> str: ...
+    def count(self, texts: Sequence[str]) -> list[int]: ...
     def lengths(self, conversations: list[dict[str, Any]]) -> list[int]: ...
     def truncate_answer(self, row: dict[str, Any], max_tokens: int) -> dict[str, Any] | None: ...
 
 
 @dataclass
 class SplitReport:
+    """The counts of one split; the rows themselves go to the files as they are decided."""
+
     rows_in: int = 0
-    kept: list[dict[str, Any]] = field(default_factory=list)
-    quarantined: list[dict[str, Any]] = field(default_factory=list)
+    kept: int = 0
+    quarantined: Counter[str] = field(default_factory=Counter)  # by reason
     truncated: int = 0
     pii_found: Counter[str] = field(default_factory=Counter)
     pii_rows: int = 0
-    lengths: list[int] = field(default_factory=list)
+    lengths: Counter[int] = field(default_factory=Counter)  # kept rows by length in tokens
+    first: dict[str, Any] | None = None  # the first row kept, for the contract's schema
+
+    def count(self, event: Event) -> Event:
+        name, _, row = event
+        if name == QUARANTINE:
+            self.quarantined[row["reason"]] += 1
+        else:
+            self.kept += 1
+            if self.first is None:
+                self.first = row
+        return event
 
     def metrics(self) -> dict[str, Any]:
         return {
             "rows_in": self.rows_in,
-            "rows": len(self.kept),
-            "quarantined": len(self.quarantined),
-            "quarantined_by_reason": dict(
-                sorted(Counter(q["reason"] for q in self.quarantined).items())
-            ),
+            "rows": self.kept,
+            "quarantined": self.quarantined.total(),
+            "quarantined_by_reason": dict(sorted(self.quarantined.items())),
             "truncated": self.truncated,
             "rows_with_pii": self.pii_rows,
             "tokens": _stats(self.lengths),
@@ -65,19 +80,62 @@ class SplitReport:
 
 def sanitize_split(
     name: str,
-    rows: list[dict[str, Any]],
+    rows: Iterable[dict[str, Any]],
     params: SanitizeParams,
     scrubber: Any,
     tokenizer: Tokenizer,
-) -> SplitReport:
-    report = SplitReport(rows_in=len(rows))
-    candidates = []
+    report: SplitReport,
+    chunk: int = CHUNK,
+) -> Iterator[Event]:
+    """Check, scrub and measure the rows of split `name`, one chunk at a time: each row's
+    (file, part, row), counted in `report`."""
+    batches = _first_pass(name, rows, params, scrubber, tokenizer, report, chunk)
+    for (events, candidates), lengths in count_ahead(batches, tokenizer.count):
+        yield from map(report.count, events)
+        for row, length in zip(candidates, lengths, strict=True):
+            if length <= params.max_tokens:
+                report.lengths[length] += 1
+                yield report.count((f"{name}.jsonl", 0, row))
+                continue
+            detail = (
+                f"{length} tokens after the chat template > sanitize.max_tokens {params.max_tokens}"
+            )
+            if params.overlength == "error":
+                raise SanitizeError(
+                    f"{row['meta']['source']} ({name} split): {detail}; raise sanitize.max_tokens,"
+                    " or set sanitize.overlength to drop or truncate"
+                )
+            if params.overlength == "truncate":
+                cut = tokenizer.truncate_answer(row, params.max_tokens)
+                if cut is not None:
+                    report.lengths[tokenizer.lengths([cut])[0]] += 1
+                    report.truncated += 1
+                    yield report.count((f"{name}.jsonl", 0, cut))
+                    continue
+                detail += " (the prompt alone is too long to truncate the answer)"
+            yield report.count((QUARANTINE, 1, _quarantine(name, row, "overlength", detail)))
+
+
+def _first_pass(
+    name: str,
+    rows: Iterable[dict[str, Any]],
+    params: SanitizeParams,
+    scrubber: Any,
+    tokenizer: Tokenizer,
+    report: SplitReport,
+    chunk: int,
+) -> Iterator[tuple[tuple[list[Event], list[dict[str, Any]]], list[str]]]:
+    """Chunks of rows checked and scrubbed: the rows quarantined so far, the candidates, and
+    the candidates rendered as training sees them, to count their tokens."""
+    events: list[Event] = []
+    candidates: list[dict[str, Any]] = []
     for row in rows:
+        report.rows_in += 1
         problem = role_problem(row)
         if problem is not None:
             # Its PII is not counted (the row is not trained on) but is not kept either.
             clean = _redacted(row, scrubber)
-            report.quarantined.append(_quarantine(name, clean, "role_order", problem))
+            events.append((QUARANTINE, 0, _quarantine(name, clean, "role_order", problem)))
             continue
         found = _scrub(row, scrubber, params.pii_action)
         if found:
@@ -86,34 +144,13 @@ def sanitize_split(
             if params.pii_action == "drop":
                 kinds = ", ".join(sorted(found))
                 clean = _redacted(row, scrubber)  # the quarantine file keeps no PII either
-                report.quarantined.append(_quarantine(name, clean, "pii", f"contains {kinds}"))
+                events.append((QUARANTINE, 0, _quarantine(name, clean, "pii", f"contains {kinds}")))
                 continue
         candidates.append(row)
-
-    lengths = tokenizer.lengths(candidates)
-    for row, length in zip(candidates, lengths, strict=True):
-        if length <= params.max_tokens:
-            report.kept.append(row)
-            report.lengths.append(length)
-            continue
-        detail = (
-            f"{length} tokens after the chat template > sanitize.max_tokens {params.max_tokens}"
-        )
-        if params.overlength == "error":
-            raise SanitizeError(
-                f"{row['meta']['source']} ({name} split): {detail}; raise sanitize.max_tokens, "
-                "or set sanitize.overlength to drop or truncate"
-            )
-        if params.overlength == "truncate":
-            cut = tokenizer.truncate_answer(row, params.max_tokens)
-            if cut is not None:
-                report.kept.append(cut)
-                report.lengths.append(tokenizer.lengths([cut])[0])
-                report.truncated += 1
-                continue
-            detail += " (the prompt alone is too long to truncate the answer)"
-        report.quarantined.append(_quarantine(name, row, "overlength", detail))
-    return report
+        if len(candidates) == chunk:
+            yield (events, candidates), [tokenizer.render(row) for row in candidates]
+            events, candidates = [], []
+    yield (events, candidates), [tokenizer.render(row) for row in candidates]
 
 
 def _scrub(row: dict[str, Any], scrubber: Any, action: str) -> Counter[str]:
@@ -146,17 +183,26 @@ def _quarantine(split: str, row: dict[str, Any], reason: str, detail: str) -> di
     return {"split": split, "source": source, "reason": reason, "detail": detail, "row": row}
 
 
-def _stats(lengths: list[int]) -> dict[str, float]:
+def _stats(lengths: Counter[int]) -> dict[str, float]:
+    """min, median, p95, max and total of the lengths, from their histogram."""
     if not lengths:
         return {}
-    ordered = sorted(lengths)
-    p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+    ordered = sorted(lengths.items())
+    n = lengths.total()
+
+    def nth(k: int) -> int:  # the k-th shortest row's length, 0-based
+        for length, count in ordered:
+            if k < count:
+                return length
+            k -= count
+        raise IndexError(k)
+
     return {
-        "min": ordered[0],
-        "median": statistics.median_low(ordered),  # a row's length, like min and max
-        "p95": p95,
-        "max": ordered[-1],
-        "total": sum(ordered),
+        "min": ordered[0][0],
+        "median": nth((n - 1) // 2),  # the lower median: a row's length, like min and max
+        "p95": nth(min(n - 1, int(0.95 * n))),
+        "max": ordered[-1][0],
+        "total": sum(length * count for length, count in ordered),
     }
 
 
@@ -173,8 +219,11 @@ class ChatLengths:
             return str(row["text"])
         return self.tokenizer.render(row["messages"])
 
+    def count(self, texts: Sequence[str]) -> list[int]:
+        return self.tokenizer.count(texts)
+
     def lengths(self, conversations: list[dict[str, Any]]) -> list[int]:
-        return self.tokenizer.count([self.render(row) for row in conversations])
+        return self.count([self.render(row) for row in conversations])
 
     def truncate_answer(self, row: dict[str, Any], max_tokens: int) -> dict[str, Any] | None:
         """`row` with its last answer (a text row: its text) cut to fit, or None if the rest of
@@ -207,7 +256,7 @@ def contract(
     reports: dict[str, SplitReport], upstream: dict[str, Any], params: Params
 ) -> dict[str, Any]:
     """The data contract and catalog: schema, counts, lengths, duplicates, rejections, PII."""
-    first = next((r.kept[0] for r in reports.values() if r.kept), {})
+    first = next((r.first for r in reports.values() if r.first is not None), {})
     pii: Counter[str] = Counter()
     for report in reports.values():
         pii.update(report.pii_found)
@@ -293,39 +342,44 @@ def main(params: Params) -> None:
     from lorapipe.pii import Scrubber
 
     split_dir = Path(params.paths.split)
+    for name in SPLITS:
+        if not (split_dir / f"{name}.jsonl").is_file():
+            raise SanitizeError(
+                f"{split_dir / f'{name}.jsonl'}: not found; run `dvc repro split` (it makes this "
+                "file)"
+            )
     scrubber = Scrubber(params.sanitize.pii_kinds, phone_region=params.sanitize.phone_region)
     tokenizer = ChatLengths(params.paths.base)
-    reports: dict[str, SplitReport] = {}
-    for name in SPLITS:
-        path = split_dir / f"{name}.jsonl"
-        if not path.is_file():
-            raise SanitizeError(f"{path}: not found; run `dvc repro split` (it makes this file)")
-        rows = [line.value for line in read_jsonl(path) if line.value is not None]
-        reports[name] = sanitize_split(name, rows, params.sanitize, scrubber, tokenizer)
-        if rows and not reports[name].kept:
-            reasons = Counter(q["reason"] for q in reports[name].quarantined)
-            raise SanitizeError(
-                f"sanitize: no {name} rows left of {len(rows)} (quarantined by reason: "
-                f"{dict(reasons)}); loosen the rule that removes them (sanitize.max_tokens, "
-                "sanitize.overlength, sanitize.pii_action)"
-            )
+    reports = {name: SplitReport() for name in SPLITS}
+    names = [f"{name}.jsonl" for name in SPLITS]
+    with (
+        atomic_dir(Path(params.paths.sanitized)) as out,
+        JsonlFiles(out, [*names, QUARANTINE]) as files,
+    ):
+        for k, (name, report) in enumerate(reports.items()):
+            rows = (row for _, row in read_rows(split_dir / f"{name}.jsonl", "split"))
+            for file, part, row in sanitize_split(
+                name, rows, params.sanitize, scrubber, tokenizer, report
+            ):
+                # quarantine.jsonl: split by split, each split's two parts in order.
+                files.write(file, row, 2 * k + part)
+            if report.rows_in and not report.kept:
+                raise SanitizeError(
+                    f"sanitize: no {name} rows left of {report.rows_in} (quarantined by reason: "
+                    f"{dict(report.quarantined)}); loosen the rule that removes them "
+                    "(sanitize.max_tokens, sanitize.overlength, sanitize.pii_action)"
+                )
     metrics_dir = Path(params.paths.metrics)
     upstream = {
         stage: json.loads((metrics_dir / f"{stage}.json").read_text())
         for stage in ("preprocess", "split")
         if (metrics_dir / f"{stage}.json").is_file()
     }
-    with atomic_dir(Path(params.paths.sanitized)) as out:
-        for name, report in reports.items():
-            atomic_write_jsonl(out / f"{name}.jsonl", report.kept)
-        atomic_write_jsonl(
-            out / "quarantine.jsonl", [q for r in reports.values() for q in r.quarantined]
-        )
     data = contract(reports, upstream, params)
     atomic_write_json(metrics_dir / "data.json", data)
     atomic_write_text(Path(params.paths.reports) / "data.md", render_report(data))
     print(
         "sanitize: "
-        + ", ".join(f"{n} {len(r.kept)}/{r.rows_in}" for n, r in reports.items())
+        + ", ".join(f"{n} {r.kept}/{r.rows_in}" for n, r in reports.items())
         + f" rows kept; PII found: {dict(data['pii_found'])}"
     )

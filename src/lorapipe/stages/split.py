@@ -6,23 +6,31 @@ that are equal in full (prompt and answer) are duplicates: `duplicates: drop` ke
 
 Deterministic on every machine: groups are ordered by SHA-256 of (seed, group key), never by
 Python's per-process hash, and each stratum is cut at the ratio boundaries.
+
+Streamed: the rows are read once to group them by hashes, then each is copied from its place in
+`rows.jsonl` to its split, so memory grows with the number of rows, not with their text.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import unicodedata
-from collections import defaultdict
-from dataclasses import dataclass, field
+from array import array
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lorapipe.errors import LorapipeError
-from lorapipe.io import atomic_dir, atomic_write_json, atomic_write_jsonl, read_jsonl
+from lorapipe.io import JsonlFiles, atomic_dir, atomic_write_json, read_line_at, read_rows
 from lorapipe.params import SPLITS, Params, SplitParams
 
 PARAMS = ("split",)
+DUPLICATES = "duplicates.jsonl"
 _PUNCTUATION_AND_SPACE = re.compile(r"[\W_]+", re.UNICODE)
 
 
@@ -31,18 +39,20 @@ class SplitError(LorapipeError):
 
 
 @dataclass
-class SplitResult:
-    splits: dict[str, list[dict[str, Any]]] = field(
-        default_factory=lambda: {name: [] for name in SPLITS}
-    )
-    duplicates: list[dict[str, Any]] = field(default_factory=list)
-    groups: int = 0
-    groups_with_several_rows: int = 0
+class SplitPlan:
+    """Where each input row goes, by its number (0-based, in file order). Only numbers and
+    hashes are kept, never the rows: a million rows cost a few hundred MB, not their text."""
+
+    rows_in: int
+    order: dict[str, list[int]]  # per split, its rows in output order: group by group
+    duplicates: list[tuple[int, int]]  # (row, the row it repeats), as duplicates.jsonl lists them
+    groups: int
+    groups_with_several_rows: int
 
     def metrics(self) -> dict[str, Any]:
         return {
-            "rows_in": sum(map(len, self.splits.values())) + len(self.duplicates),
-            **{name: len(rows) for name, rows in self.splits.items()},
+            "rows_in": self.rows_in,
+            **{name: len(rows) for name, rows in self.order.items()},
             "duplicates_dropped": len(self.duplicates),
             "groups": self.groups,
             "groups_with_several_rows": self.groups_with_several_rows,
@@ -55,67 +65,87 @@ def normalize_text(text: str) -> str:
     return _PUNCTUATION_AND_SPACE.sub(" ", text).strip()
 
 
-def prompt_key(row: dict[str, Any]) -> str:
+def keys(row: dict[str, Any]) -> tuple[str, str]:
+    """(prompt key, full key): rows with equal prompt keys form a group; rows of a group with
+    equal full keys (prompt and answer) are duplicates. Each message is normalized once."""
     if "text" in row:
-        return normalize_text(row["text"])
-    return "\x1e".join(
-        normalize_text(m["content"]) for m in row["messages"] if m["role"] != "assistant"
-    )
+        key = normalize_text(row["text"])
+        return key, key
+    normalized = [(m["role"], normalize_text(m["content"])) for m in row["messages"]]
+    prompt = "\x1e".join(text for role, text in normalized if role != "assistant")
+    return prompt, "\x1e".join(f"{role}:{text}" for role, text in normalized)
 
 
-def full_key(row: dict[str, Any]) -> str:
-    if "text" in row:
-        return normalize_text(row["text"])
-    return "\x1e".join(f"{m['role']}:{normalize_text(m['content'])}" for m in row["messages"])
+def plan_split(rows: Iterable[dict[str, Any]], params: SplitParams) -> SplitPlan:
+    """Group, deduplicate and assign `rows` (read once, in order) to the splits."""
+    drop = params.duplicates == "drop"
+    group_of: dict[bytes, int] = {}  # a group's order hash -> its number, in order of first row
+    digests: list[bytes] = []  # per group: its order hash
+    stratum_of: dict[str, int] = {}
+    strata = array("q")  # per group: the stratum of its first row
+    sizes = array("q")  # per group: its rows, duplicates included
+    unique = array("q")  # per group: its rows kept
+    row_group = array("q")  # per row: its group, or -1 for a dropped duplicate
+    first_of: dict[bytes, int] = {}  # hash of (group, full key) -> the first row with them
+    duplicates: list[tuple[int, int, int]] = []  # (group, row, first row)
+    for i, row in enumerate(rows):
+        prompt, full = keys(row)
+        digest = _order(params.seed, prompt)
+        g = group_of.get(digest)
+        if g is None:
+            g = group_of[digest] = len(digests)
+            digests.append(digest)
+            stratum = _stratum(row, params.stratify)
+            strata.append(stratum_of.setdefault(stratum, len(stratum_of)))
+            sizes.append(0)
+            unique.append(0)
+        sizes[g] += 1
+        if drop:
+            key = g.to_bytes(8, "little") + full.encode("utf-8", "surrogatepass")
+            first = first_of.setdefault(hashlib.blake2b(key, digest_size=16).digest(), i)
+            if first != i:
+                duplicates.append((g, i, first))
+                row_group.append(-1)
+                continue
+        unique[g] += 1
+        row_group.append(g)
+    del group_of, first_of
 
-
-def split_rows(rows: list[dict[str, Any]], params: SplitParams) -> SplitResult:
-    result = SplitResult()
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        groups[prompt_key(row)].append(row)
-    result.groups = len(groups)
-    result.groups_with_several_rows = sum(len(g) > 1 for g in groups.values())
-
-    if params.duplicates == "drop":
-        for key, members in groups.items():
-            seen: dict[str, dict[str, Any]] = {}
-            unique = []
-            for row in members:
-                first = seen.setdefault(full_key(row), row)
-                if first is row:
-                    unique.append(row)
-                else:
-                    result.duplicates.append(
-                        {
-                            "source": row["meta"]["source"],
-                            "duplicate_of": first["meta"]["source"],
-                            "row": row,
-                        }
-                    )
-            groups[key] = unique
-
-    strata: dict[str, list[str]] = defaultdict(list)
-    for key, members in groups.items():
-        strata[_stratum(members[0], params.stratify)].append(key)
-
+    # Groups in output order: strata by name, then by order hash. The group's midpoint decides
+    # its split, so each split's share tracks its ratio even when groups differ in size.
     ratios = params.ratios
     cuts = (ratios.train, ratios.train + ratios.valid)
-    for stratum in sorted(strata):
-        keys = sorted(strata[stratum], key=lambda k: _order(params.seed, k))
-        total = sum(len(groups[k]) for k in keys)
+    by_stratum: dict[int, list[int]] = {s: [] for s in stratum_of.values()}
+    for g, s in enumerate(strata):
+        by_stratum[s].append(g)
+    rank = np.empty(len(digests), dtype=np.int64)
+    split_of = np.empty(len(digests), dtype=np.int8)
+    position_of_group = 0
+    for name in sorted(stratum_of):
+        groups = sorted(by_stratum[stratum_of[name]], key=digests.__getitem__)
+        total = sum(unique[g] for g in groups)
         done = 0
-        for key in keys:
-            size = len(groups[key])
-            # The group's midpoint decides its split, so each split's share tracks its ratio
-            # even when groups differ in size.
+        for g in groups:
+            size = unique[g]
             position = (done + size / 2) / total
-            name = (
-                SPLITS[0] if position < cuts[0] else SPLITS[1] if position < cuts[1] else SPLITS[2]
-            )
-            result.splits[name].extend(groups[key])
+            split_of[g] = 0 if position < cuts[0] else 1 if position < cuts[1] else 2
+            rank[g] = position_of_group
+            position_of_group += 1
             done += size
-    return result
+
+    # Rows in output order: by their group's rank, a group's rows in input order.
+    row_groups = np.frombuffer(row_group, dtype=np.int64)
+    kept = np.flatnonzero(row_groups >= 0)
+    ordered = kept[np.argsort(rank[row_groups[kept]], kind="stable")]
+    split_of_row = split_of[row_groups[ordered]]
+    duplicates.sort(key=lambda d: d[0])  # stable: by group, in input order within one
+    return SplitPlan(
+        rows_in=len(row_group),
+        order={name: ordered[split_of_row == k].tolist() for k, name in enumerate(SPLITS)},
+        duplicates=[(row, first) for _, row, first in duplicates],
+        groups=len(digests),
+        groups_with_several_rows=sum(n > 1 for n in sizes),
+    )
 
 
 def _stratum(row: dict[str, Any], field_name: str | None) -> str:
@@ -140,20 +170,37 @@ def main(params: Params) -> None:
     source = Path(params.paths.preprocessed) / "rows.jsonl"
     if not source.is_file():
         raise SplitError(f"{source}: not found; run `dvc repro preprocess` (it makes this file)")
-    rows = [line.value for line in read_jsonl(source) if line.value is not None]
-    result = split_rows(rows, params.split)
-    for name, split_rows_ in result.splits.items():
+    offsets = array("q")  # per row: where its line starts, to copy it in output order
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for offset, row in read_rows(source, "preprocess"):
+            offsets.append(offset)
+            yield row
+
+    plan = plan_split(rows(), params.split)
+    for name, order in plan.order.items():
         ratio = getattr(params.split.ratios, name)
-        if ratio > 0 and not split_rows_:
+        if ratio > 0 and not order:
             raise SplitError(
-                f"split: '{name}' would be empty ({len(rows)} rows, ratio {ratio}); add data or "
-                f"raise split.ratios.{name}"
+                f"split: '{name}' would be empty ({plan.rows_in} rows, ratio {ratio}); add data "
+                f"or raise split.ratios.{name}"
             )
-    with atomic_dir(Path(params.paths.split)) as out:
-        for name, split_rows_ in result.splits.items():
-            atomic_write_jsonl(out / f"{name}.jsonl", split_rows_)
-        atomic_write_jsonl(out / "duplicates.jsonl", result.duplicates)
-    metrics = result.metrics()
+    names = [f"{name}.jsonl" for name in SPLITS]
+    with (
+        atomic_dir(Path(params.paths.split)) as out,
+        JsonlFiles(out, [*names, DUPLICATES]) as files,
+        open(source, "rb") as f,
+    ):
+        # A kept row is copied as preprocess wrote it: split moves rows, never rewrites them.
+        for file, order in zip(names, plan.order.values(), strict=True):
+            for i in order:
+                files.write_line(file, read_line_at(f, offsets[i]) + b"\n")
+        for i, first in plan.duplicates:
+            row = json.loads(read_line_at(f, offsets[i]))
+            of = json.loads(read_line_at(f, offsets[first]))["meta"]["source"]
+            duplicate = {"source": row["meta"]["source"], "duplicate_of": of, "row": row}
+            files.write(DUPLICATES, duplicate)
+    metrics = plan.metrics()
     atomic_write_json(Path(params.paths.metrics) / "split.json", metrics)
     print(
         "split: "
