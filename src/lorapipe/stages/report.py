@@ -21,6 +21,9 @@ from lorapipe.scoring import RANKING, evaluation_files
 PARAMS = ("eval.models", "eval.report_examples")
 
 
+COLUMN_ORDER = ("test_loss", "test_perplexity", *RANKING, "compression_ratio")
+
+
 class ReportError(LorapipeError):
     """A model's evaluation is missing."""
 
@@ -34,7 +37,9 @@ def render_report(
     names = list(metrics)
     prompts = len(next(iter(generations.values())))
     rows = sum(g.get("references", 1) for g in next(iter(generations.values())))
-    columns = [c for c in next(iter(metrics.values())) if c != "generation_tokens_per_second"]
+    # The losses first, then the task scores strictest first (the metrics files sort their keys).
+    scored = [c for c in next(iter(metrics.values())) if c != "generation_tokens_per_second"]
+    columns = sorted(scored, key=lambda c: (COLUMN_ORDER.index(c) if c in COLUMN_ORDER else 99, c))
     lines = [
         "# Evaluation",
         "",
