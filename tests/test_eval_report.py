@@ -3,7 +3,7 @@ strictest score ties (every exact match 0)."""
 
 from __future__ import annotations
 
-from lorapipe.stages.eval import render_report
+from lorapipe.stages.report import render_report
 
 
 def generation(source: str, exact: float, chrf: float) -> dict[str, object]:
