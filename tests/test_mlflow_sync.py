@@ -100,7 +100,8 @@ def test_a_repro_and_an_experiment_are_one_mlflow_run_each(
     (run,) = client.search_runs([experiment.experiment_id])  # every stage in one run
     run_id = run.info.run_id
     assert run.info.status == "FINISHED"
-    stages = ["base", "preprocess", "split", "sanitize", "train", "fuse", "quantize", "eval"]
+    stages = ["base", "preprocess", "split", "sanitize", "train", "fuse", "quantize", "report"]
+    stages += [f"eval_{model}" for model in ("base", "tuned", "quantized")]  # eval@base, ...
     assert all(run.data.tags[f"lorapipe.stage/{s}"] == "finished" for s in stages)
     assert run.data.tags["mlflow.source.git.commit"] == git(project, "rev-parse", "HEAD~1").strip()
 
@@ -113,8 +114,9 @@ def test_a_repro_and_an_experiment_are_one_mlflow_run_each(
         assert run.data.params[key] == (value if isinstance(value, str) else json.dumps(value))
 
     # Every stage's final metrics, and training's step metrics with their steps.
-    for path in (project / "metrics").glob("*.json"):
-        for name, value in leaves(json.loads(path.read_text()), f"metrics/{path.stem}").items():
+    for path in (project / "metrics").rglob("*.json"):
+        prefix = path.relative_to(project).with_suffix("").as_posix()  # metrics/eval/tuned
+        for name, value in leaves(json.loads(path.read_text()), prefix).items():
             assert run.data.metrics[name] == pytest.approx(value), name
     live = project / "dvclive" / "train" / "plots" / "metrics"
     for series in ("train/loss", "val/loss", "train/learning_rate"):
@@ -125,7 +127,7 @@ def test_a_repro_and_an_experiment_are_one_mlflow_run_each(
 
     # The reports and the plots, as files.
     got = Path(client.download_artifacts(run_id, "", str(tmp_path / "got")))
-    for report in ("reports/data.md", "reports/eval.md", "metrics/eval.json"):
+    for report in ("reports/data.md", "reports/eval.md", "metrics/eval/tuned.json"):
         assert (got / report).read_bytes() == (project / report).read_bytes()
     assert (got / "plots" / "Loss.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert not (got / "models").exists() and not (got / "data").exists()
@@ -147,5 +149,5 @@ def test_a_repro_and_an_experiment_are_one_mlflow_run_each(
     assert exp.info.run_name == exp_names[0]
     assert exp.data.tags["dvc.baseline_rev"] == exp.data.tags["mlflow.source.git.commit"] == head
     assert exp.data.params["eval.max_rows"] == "4"
-    assert "metrics/eval/tuned/test_loss" in exp.data.metrics
+    assert "metrics/eval/tuned/tuned/test_loss" in exp.data.metrics
     assert len(client.search_runs([experiment.experiment_id])) == 2

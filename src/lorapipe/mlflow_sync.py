@@ -167,7 +167,10 @@ def plots_of(definitions: list[Any], written: list[str]) -> list[Plot]:
             if not isinstance(y, Mapping) or not y:
                 continue
             files = {str(f): [v] if isinstance(v, str) else list(v) for f, v in y.items()}
-            if all(any(_under(f, out) for out in written) for f in files):
+            # Curves over steps from tables (DVCLive's TSVs); a bar chart of a JSON file (the
+            # eval scores) goes to MLflow as its JSON and as metrics instead.
+            tables = all(Path(f).suffix in (".tsv", ".csv") for f in files)
+            if tables and all(any(_under(f, out) for out in written) for f in files):
                 found.append(Plot(str(title), str(spec.get("x", "step")), files))
     return found
 
@@ -255,7 +258,7 @@ class Run:
             self.client.set_tag(self.run_id, metric_name("lorapipe.stage", self.stage), fate)
             status = {0: "FINISHED", 130: "KILLED"}.get(code, "FAILED")
             self.client.set_terminated(self.run_id, status)
-        except (MlflowException, RequestException, OSError) as exc:
+        except (MlflowException, RequestException, OSError, ValueError, KeyError) as exc:
             print(
                 f"lorapipe {self.stage}: warning: MLflow did not get this stage's results "
                 f"({exc}); its outputs are complete and DVC has them",
