@@ -212,8 +212,9 @@ def test_validation_samples_batches_of_every_length() -> None:
     ones every evaluation, not its N shortest."""
     from lorapipe.loss import spread
 
-    assert spread(72, 16) == spread(72, 16)
     picked = spread(72, 16)
+    # Fixed: the middle batch of each of 16 equal strides, whatever the run or evaluation.
+    assert picked == [2, 6, 11, 15, 20, 24, 29, 33, 38, 42, 47, 51, 56, 60, 65, 69]
     assert len(set(picked)) == 16 and picked == sorted(picked)
     assert picked[0] < 72 // 16 and picked[-1] >= 72 - 72 // 16  # shortest and longest strata
     assert spread(10, 10) == spread(10, 50) == spread(10, -1) == list(range(10))
