@@ -1,24 +1,31 @@
-"""Eval's generation three ways: same model, prompts and token budgets.
+"""Eval's generation several ways (`--modes`; default: eval,loss+lorapipe): same model, prompts
+and token budgets.
 
     uv run python bench/generate.py                  # CPU: the tuned model, 128 demo test prompts
     uv run python bench/generate.py --case long      # 150 SciTLDR abstracts (bench/data)
     python3 bench/generate.py --random-weights --out $OUT/generate-gpu.json    # on a GPU machine
 
-lorapipe        `lorapipe.decode.generate_batch` with `eval.batch_size` prompts at a time, as the
-                eval stage calls it.
+eval            what the eval stage runs: `lorapipe.decode.generate_batch` with each prompt's
+                reference answer, which it scores (the test loss) through the prompt's KV cache,
+                sparing the decoding of rows whose greedy answer that pass confirms.
+loss+lorapipe   what the eval stage ran before: the test loss in its own pass over prompts and
+                answers (`lorapipe.loss.dataset_loss`, train.batch_size rows a batch), then
+                `generate_batch` without references.
+lorapipe        `lorapipe.decode.generate_batch` without references: plain batched decoding with
+                `eval.batch_size` prompts at a time (what the eval stage ran before, loss aside).
 batch_generate  `mlx_lm.generate.batch_generate` with `eval.batch_size` prompts at a time (mlx-lm's
-                default of 8 at a time for prefill), as the eval stage called it before.
+                default of 8 at a time for prefill), as the eval stage called it at first.
 one-by-one      `mlx_lm.generate.stream_generate` on each prompt in turn (what a loop over
                 `mlx_lm.generate` does); slow on the CPU, so only with `--modes`.
 All decode greedily up to the eval stage's budget for each prompt (`eval.max_tokens_factor` x
-reference tokens + `eval.max_tokens_extra`) and stop at EOS. Tokens/s counts generated tokens
-(an EOS included, as mlx-lm counts them) over the wall-clock time of the whole set, prompt
-processing included; tokens per CPU-second (the process's user + system time) is steadier on a
-machine others share. The modes alternate `--repeats` times after a warm-up; the table gives
-medians, MLX's peak memory, and how many outputs equal the first mode's. `--random-weights`
-initialises the model from `--model`'s config.json (only its config and tokenizer files are
-needed, so the model need not travel to a GPU machine); a random model rarely stops at EOS, so
-it generates each prompt's full budget in every mode.
+reference tokens + `eval.max_tokens_extra`) and stop at EOS. Tokens/s counts generated tokens (an
+EOS included, as mlx-lm counts them) over the wall-clock time of the whole set, prompt processing
+(and for the first two modes the test loss) included; tokens per CPU-second (the process's user +
+system time) is steadier on a machine others share. The modes alternate `--repeats` times after a
+warm-up; the table gives medians, MLX's peak memory, and how many outputs equal the first mode's.
+`--random-weights` initialises the model from `--model`'s config.json (only its config and tokenizer
+files are needed, so the model need not travel to a GPU machine); a random model rarely stops at
+EOS, so it generates each prompt's full budget in every mode.
 """
 
 from __future__ import annotations
@@ -70,8 +77,10 @@ def load(model_dir: Path, random_weights: bool) -> tuple[Any, Any]:
     return model, load_tokenizer(model_dir)
 
 
-def workload(tokenizer: Any, test_split: Path, count: int) -> tuple[list[list[int]], list[int]]:
-    """The eval stage's prompts and token budgets for the first `count` test rows."""
+def workload(
+    tokenizer: Any, test_split: Path, count: int
+) -> tuple[list[dict[str, Any]], list[list[int]], list[int]]:
+    """The first `count` test rows, and the eval stage's prompts and token budgets for them."""
     from lorapipe.artifacts import chat_prompt
     from lorapipe.params import load_params
 
@@ -84,16 +93,51 @@ def workload(tokenizer: Any, test_split: Path, count: int) -> tuple[list[list[in
         + config.max_tokens_extra
         for r in rows
     ]
-    return prompts, budgets
+    return rows, prompts, budgets
 
 
 def lorapipe_decode(
-    model: Any, tokenizer: Any, prompts: list[list[int]], budgets: list[int], size: int
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    budgets: list[int],
+    size: int,
+    rows: list[dict[str, Any]] | None = None,
 ):
+    """generate_batch; with `rows`, given their references (the eval stage's way)."""
     from lorapipe.decode import generate_batch
+    from lorapipe.stages.eval import reference_tokens
 
     tic = time.perf_counter()
-    texts, tokens = generate_batch(model, tokenizer, prompts, budgets, size)
+    references = None
+    if rows is not None:
+        references = [
+            [reference_tokens(tokenizer, row, prompt)]
+            for row, prompt in zip(rows, prompts, strict=True)
+        ]
+    generation = generate_batch(model, tokenizer, prompts, budgets, size, references)
+    if rows is not None:
+        print(f"eval: {generation.verified} of {len(prompts)} answers confirmed", flush=True)
+    return generation.tokens, time.perf_counter() - tic, generation.texts
+
+
+def loss_then_decode(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    budgets: list[int],
+    size: int,
+    rows: list[dict[str, Any]],
+    loss_batch: int,
+):
+    """The eval stage before references: the loss in its own pass, then plain decoding."""
+    from lorapipe.batches import encode, make_batches
+    from lorapipe.loss import dataset_loss
+
+    tic = time.perf_counter()
+    encoded = [encode(row, tokenizer, mask_prompt=True) for row in rows]
+    dataset_loss(model, make_batches(encoded, loss_batch, every_row=True))
+    tokens, _, texts = lorapipe_decode(model, tokenizer, prompts, budgets, size)
     return tokens, time.perf_counter() - tic, texts
 
 
@@ -145,7 +189,7 @@ def main() -> None:
     parser.add_argument(
         "--prefill-batch-size", type=int, default=None, help="batch_generate's; default: mlx-lm's"
     )
-    parser.add_argument("--modes", default="lorapipe,batch_generate", help="comma-separated")
+    parser.add_argument("--modes", default="eval,loss+lorapipe", help="comma-separated")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None, help="default: bench/results/generate-cpu-CASE.json")
     args = parser.parse_args()
@@ -154,11 +198,18 @@ def main() -> None:
 
     from lorapipe.params import load_params
 
-    size = args.batch_size or load_params(ROOT / "params.yaml").eval.batch_size
+    params = load_params(ROOT / "params.yaml")
+    size = args.batch_size or params.eval.batch_size
     split, count = CASES[args.case]
     model, tokenizer = load(Path(args.model), args.random_weights)
-    prompts, budgets = workload(tokenizer, Path(args.test_split or split), args.prompts or count)
+    rows, prompts, budgets = workload(
+        tokenizer, Path(args.test_split or split), args.prompts or count
+    )
     modes = {
+        "eval": lambda: lorapipe_decode(model, tokenizer, prompts, budgets, size, rows),
+        "loss+lorapipe": lambda: loss_then_decode(
+            model, tokenizer, prompts, budgets, size, rows, params.train.batch_size
+        ),
         "lorapipe": lambda: lorapipe_decode(model, tokenizer, prompts, budgets, size),
         "batch_generate": lambda: batched(
             model, tokenizer, prompts, budgets, size, args.prefill_batch_size

@@ -33,14 +33,58 @@ def test_same_texts_as_batch_generate(tiny_model_dir: Path) -> None:
     }
 
     expected = batch_generate(model, tokenizer, prompts, max_tokens=budgets, return_token_ids=True)
-    texts, steps = generate_batch(model, tokenizer, prompts, budgets, batch_size=4)
+    generation = generate_batch(model, tokenizer, prompts, budgets, batch_size=4)
 
-    assert texts == expected.texts
-    assert steps == expected.stats.generation_tokens
+    assert generation.texts == expected.texts
+    assert generation.tokens == expected.stats.generation_tokens
+    assert generation.verified == 0 and generation.losses == [[] for _ in prompts]
     stopped = [
         len(ids) < budget for ids, budget in zip(expected.token_ids or [], budgets, strict=True)
     ]
     assert 0 < sum(stopped) < len(prompts)  # the test covers both ways of finishing
+    mx.clear_cache()
+
+
+def test_references_are_scored_and_confirm_greedy_answers(tiny_model_dir: Path) -> None:
+    """Eval's path: each reference's loss through the prompt's KV cache equals the plain
+    forward pass's, and a reference that is the greedy answer spares decoding it, with the
+    same texts as decoding every row."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.generate import batch_generate
+    from mlx_lm.utils import load
+
+    model, tokenizer = load(str(tiny_model_dir))[:2]
+    prompts = [
+        tokenizer.encode("the quick brown fox " * (1 + i % 4))[: 3 + 5 * i] for i in range(9)
+    ]
+    budgets = [6] * len(prompts)
+    tokenizer.eos_token_ids = {-1}  # nothing stops: the full greedy answers
+    probe = batch_generate(model, tokenizer, prompts, max_tokens=budgets, return_token_ids=True)
+    greedy = probe.token_ids
+    assert greedy is not None and all(len(g) == 6 for g in greedy)
+    tokenizer.eos_token_ids = {greedy[0][4]}  # row 0 stops there; others may too
+    expected = generate_batch(model, tokenizer, prompts, budgets, batch_size=4)
+    eos = next(iter(tokenizer.eos_token_ids))
+    right = [g[: g.index(eos) + 1] if eos in g else g for g in greedy]
+    wrong = [[(t + 1) % 50 for t in g] for g in greedy]
+    # Rows 0-2: a wrong reference and then the right one; rows 3-8: the right one, or a wrong one.
+    references = [
+        [wrong[i], right[i]] if i < 3 else [right[i] if i % 2 else wrong[i]] for i in range(9)
+    ]
+
+    got = generate_batch(model, tokenizer, prompts, budgets, batch_size=4, references=references)
+
+    assert got.texts == expected.texts and got.tokens == expected.tokens
+    # Confirmed: rows 0-2 (by their second reference) and the odd rows with the right one,
+    # where the right reference ends at EOS or runs the whole budget.
+    assert got.verified == 3 + sum(1 for i in range(3, 9) if i % 2)
+    for prompt, refs, scored in zip(prompts, references, got.losses, strict=True):
+        assert [count for _, count in scored] == [len(r) for r in refs]
+        for ref, (total, _) in zip(refs, scored, strict=True):
+            logits = model(mx.array([prompt + ref[:-1]]))[0, len(prompt) - 1 :]
+            want = nn.losses.cross_entropy(logits, mx.array(ref)).sum().item()
+            assert total == pytest.approx(want, rel=1e-4)
     mx.clear_cache()
 
 

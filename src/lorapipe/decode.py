@@ -14,11 +14,20 @@ step, argmax), arranged for throughput on the CPU, where the figures in bench/RE
   (mlx-lm copies the whole cache each time any row finishes: about one decoding step each);
 - the next step is queued before this step's tokens are read, so Python's bookkeeping overlaps
   the model's work.
+
+With `references` (eval's reference answers), the batch also scores them: after the prompts'
+prefill, each reference is fed through the KV cache in one teacher-forced pass, which gives its
+loss (the test loss, with no separate pass over the prompts) and the model's greedy choice at
+every position. Where those choices spell out a reference up to its EOS, that reference *is* the
+greedy answer (speculative decoding, with the reference as the draft), and the row needs no
+decoding: a tuned model that answers most prompts right is scored in about one forward pass.
+The cache is trimmed back to the prompts after each pass, and only the other rows decode.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 # Padded prompt tokens per prefill forward pass: enough rows for the BLAS to run near its peak,
@@ -28,50 +37,92 @@ PREFILL_TOKENS = 4096
 # dropping copies the KV cache, which costs about one decoding step, and rows that stop at EOS
 # may end sooner than their budget, so the estimate of the saving is an upper bound.
 DROP_WHEN_SAVING = 2.0
+# Tokens per teacher-forced forward pass: its logits (tokens x vocabulary floats, ~200 MB at
+# SmolLM2's 49,152 words) are the pass's largest array.
+TEACHER_TOKENS = 1024
+
+
+@dataclass(frozen=True)
+class Generation:
+    texts: list[str]  # in prompt order, EOS not included
+    tokens: int  # tokens the rows produced, EOS included (as `batch_generate` counts them)
+    # With references: for each prompt, each reference's summed cross-entropy and token count.
+    losses: list[list[tuple[float, int]]]
+    verified: int  # prompts whose greedy answer a reference's teacher-forced pass spelled out
 
 
 def generate_batch(
-    model: Any, tokenizer: Any, prompts: list[list[int]], max_tokens: list[int], batch_size: int
-) -> tuple[list[str], int]:
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[int]],
+    max_tokens: list[int],
+    batch_size: int,
+    references: list[list[list[int]]] | None = None,
+) -> Generation:
     """Greedy completions of `prompts` (token ids), each up to its `max_tokens` or an EOS token,
-    at most `batch_size` at a time. Returns the texts in prompt order (EOS not included) and the
-    number of decoding steps the rows took (EOS included, as `batch_generate` counts them)."""
+    at most `batch_size` at a time. `references`, if given, holds each prompt's reference
+    continuations (token ids as the chat template renders them after the prompt, EOS and what
+    follows it included): each is scored, and decoding is skipped where one is the greedy
+    answer (the texts are the same either way)."""
     if len(max_tokens) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(max_tokens)} token budgets")
+    if references is not None and len(references) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(references)} reference lists")
     if any(not p for p in prompts) or any(m < 1 for m in max_tokens):
         raise ValueError("every prompt needs at least one token and a budget of at least one")
+    refs = references if references is not None else [[] for _ in prompts]
     if not prompts:
-        return [], 0
+        return Generation([], 0, [], 0)
     eos = set(tokenizer.eos_token_ids)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     # Equal batches (300 prompts at 128: 100 + 100 + 100, not 128 + 128 + 44).
     size = math.ceil(len(order) / math.ceil(len(order) / batch_size))
     completions: list[list[int]] = [[] for _ in prompts]
-    steps = 0
+    losses: list[list[tuple[float, int]]] = [[] for _ in prompts]
+    tokens = verified = 0
     for start in range(0, len(order), size):
         rows = order[start : start + size]
-        outputs = _decode(model, [prompts[i] for i in rows], [max_tokens[i] for i in rows], eos)
-        for row, tokens in zip(rows, outputs, strict=True):
-            steps += len(tokens)
-            completions[row] = tokens[:-1] if tokens[-1] in eos else tokens
-    return [tokenizer.decode(tokens) for tokens in completions], steps
+        outputs, scored, confirmed = _decode(
+            model,
+            [prompts[i] for i in rows],
+            [max_tokens[i] for i in rows],
+            eos,
+            [refs[i] for i in rows],
+        )
+        verified += confirmed
+        for row, output, loss in zip(rows, outputs, scored, strict=True):
+            tokens += len(output)
+            completions[row] = output[:-1] if output[-1] in eos else output
+            losses[row] = loss
+    texts = [tokenizer.decode(completion) for completion in completions]
+    return Generation(texts, tokens, losses, verified)
 
 
 def _decode(
-    model: Any, prompts: list[list[int]], budgets: list[int], eos: set[int]
-) -> list[list[int]]:
+    model: Any,
+    prompts: list[list[int]],
+    budgets: list[int],
+    eos: set[int],
+    references: list[list[list[int]]],
+) -> tuple[list[list[int]], list[list[tuple[float, int]]], int]:
     """Greedy decoding of one batch of length-sorted prompts: each row's tokens, up to its
-    budget or an EOS token (kept as the last)."""
+    budget or an EOS token (kept as the last); each reference's loss; how many rows a reference
+    answered."""
     import mlx.core as mx
 
-    cache = _prefill(model, [p[:-1] for p in prompts])
-    rows = list(range(len(prompts)))  # batch position -> prompt index
-    outputs: list[list[int]] = [[] for _ in prompts]
+    cache, outputs, losses = _prefill(model, prompts, references, budgets, eos)
+    rows = [r for r in range(len(prompts)) if not outputs[r]]  # batch position -> prompt index
+    verified = len(prompts) - len(rows)
+    if not rows:
+        return outputs, losses, verified
+    if verified:
+        for layer in cache:
+            layer.filter(rows)
 
     def step(tokens: mx.array) -> mx.array:
         return mx.argmax(model(tokens[:, None], cache=cache)[:, -1, :], axis=-1)
 
-    queued = step(mx.array([p[-1] for p in prompts]))
+    queued = step(mx.array([prompts[r][-1] for r in rows]))
     mx.async_eval(queued)
     finished = 0
     while rows:
@@ -94,26 +145,111 @@ def _decode(
             queued = queued[mx.array(keep)]
             rows = [rows[i] for i in keep]
             finished = 0
-    return outputs
+    return outputs, losses, verified
+
+
+def _teacher_force(
+    model: Any,
+    cache: list[Any],
+    prompts: list[list[int]],
+    references: list[list[list[int]]],
+    budgets: list[int],
+    eos: set[int],
+) -> tuple[list[list[int]], list[list[tuple[float, int]]]]:
+    """Each row's references through its prefilled `cache` (one pass per reference index, the
+    cache trimmed back after each). Returns each row's greedy answer where a reference spells
+    it out (else []), and each reference's summed cross-entropy and token count."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
+
+    from lorapipe.loss import logits_at
+
+    answers: list[list[int]] = [[] for _ in prompts]
+    losses: list[list[tuple[float, int]]] = [[] for _ in prompts]
+    for j in range(max((len(r) for r in references), default=0)):
+        refs = [r[j] if j < len(r) else [] for r in references]
+        width = max(len(r) for r in refs)
+        # Row b reads its prompt's last token, then the reference but its last token, and
+        # predicts the reference; rows are right-padded (causal attention never looks ahead),
+        # and the output layer runs on the reference's positions only.
+        inputs = np.zeros((len(refs), width), np.int32)
+        labels = np.zeros((len(refs), width), np.int32)
+        for b, ref in enumerate(refs):
+            if ref:
+                inputs[b, : len(ref)] = [prompts[b][-1], *ref[:-1]]
+                labels[b, : len(ref)] = ref
+        real = np.arange(width) < np.array([[len(r)] for r in refs])
+        summed = np.zeros(len(refs))
+        choices = np.zeros((len(refs), width), np.int64)
+        step = max(1, TEACHER_TOKENS // len(refs))
+        for start in range(0, width, step):
+            window = real[:, start : start + step]
+            where = np.flatnonzero(window)
+            with logits_at(model, mx.array(where.astype(np.int32))):
+                logits = model(mx.array(inputs[:, start : start + step]), cache=cache)
+            if logits.ndim == 3:  # a model logits_at does not know: all of them
+                logits = logits.reshape(-1, logits.shape[-1])[mx.array(where)]
+            targets = mx.array(labels[:, start : start + step].reshape(-1)[where])
+            ce = nn.losses.cross_entropy(logits, targets).astype(mx.float32)
+            greedy = mx.argmax(logits, axis=-1)
+            mx.eval(ce, greedy)
+            rows, columns = np.nonzero(window)
+            np.add.at(summed, rows, np.array(ce))
+            choices[rows, start + columns] = np.array(greedy)
+        for layer in cache:
+            layer.trim(width)
+        for b, ref in enumerate(refs):
+            if not ref:
+                continue
+            losses[b].append((float(summed[b]), len(ref)))
+            answer = _greedy_answer(ref, choices[b].tolist(), budgets[b], eos)
+            if answer is not None and not answers[b]:
+                answers[b] = answer
+    return answers, losses
+
+
+def _greedy_answer(
+    reference: list[int], choices: list[int], budget: int, eos: set[int]
+) -> list[int] | None:
+    """The row's greedy output if the model's choice at every position of `reference` up to
+    where decoding would stop (its first EOS, or the budget) is the reference's own token: then
+    decoding would produce exactly that. None where the choices leave the reference first."""
+    stop = next((i + 1 for i, token in enumerate(reference) if token in eos), None)
+    if stop is None and budget > len(reference):
+        return None  # the reference ends before decoding would stop: no verdict
+    length = min(stop or budget, budget)
+    return reference[:length] if choices[:length] == reference[:length] else None
 
 
 def _done(tokens: list[int], budget: int, eos: set[int]) -> bool:
     return len(tokens) >= budget or (bool(tokens) and tokens[-1] in eos)
 
 
-def _prefill(model: Any, prefixes: list[list[int]]) -> list[Any]:
-    """The batch's KV cache after the prompts' `prefixes`, left-padded (BatchKVCache masks the
-    padding and starts each row's positions at 0), in groups of about PREFILL_TOKENS."""
+def _prefill(
+    model: Any,
+    prompts: list[list[int]],
+    references: list[list[list[int]]],
+    budgets: list[int],
+    eos: set[int],
+) -> tuple[list[Any], list[list[int]], list[list[tuple[float, int]]]]:
+    """The batch's KV cache after all but the prompts' last tokens, left-padded (BatchKVCache
+    masks the padding and starts each row's positions at 0), in groups of about PREFILL_TOKENS.
+    Each group's references are scored on its own cache before the groups are joined (less
+    padding, and few rows a pass): the rows' greedy answers that a reference gave, and the
+    references' losses (_teacher_force)."""
     import mlx.core as mx
     from mlx_lm.models.cache import BatchKVCache
 
     cache: list[Any] | None = None
+    answers: list[list[int]] = []
+    losses: list[list[tuple[float, int]]] = []
     start = 0
-    while start < len(prefixes):
-        end = start + 1  # prefixes are sorted by length: the group's last is its longest
-        while end < len(prefixes) and (end + 1 - start) * len(prefixes[end]) <= PREFILL_TOKENS:
+    while start < len(prompts):
+        end = start + 1  # prompts are sorted by length: the group's last is its longest
+        while end < len(prompts) and (end + 1 - start) * (len(prompts[end]) - 1) <= PREFILL_TOKENS:
             end += 1
-        group = prefixes[start:end]
+        group = [p[:-1] for p in prompts[start:end]]
         width = len(group[-1])
         padding = [width - len(p) for p in group]
         part = [BatchKVCache(padding) for _ in model.layers]
@@ -122,6 +258,11 @@ def _prefill(model: Any, prefixes: list[list[int]]) -> list[Any]:
                 mx.array([[0] * pad + p for pad, p in zip(padding, group, strict=True)]), cache=part
             )
             mx.eval([c.state for c in part])
+        scored = _teacher_force(
+            model, part, prompts[start:end], references[start:end], budgets[start:end], eos
+        )
+        answers += scored[0]
+        losses += scored[1]
         if cache is None:
             cache = part
         else:
@@ -130,4 +271,4 @@ def _prefill(model: Any, prefixes: list[list[int]]) -> list[Any]:
         mx.clear_cache()
         start = end
     assert cache is not None
-    return cache
+    return cache, answers, losses

@@ -220,7 +220,6 @@ class EvalParams:
     metrics: tuple[Metric, ...]
     max_rows: Annotated[int, Range(ge=1)] | None
     batch_size: Annotated[int, Range(ge=1)]
-    loss_batches: Annotated[int, Range(ge=-1)]
     max_tokens_factor: Annotated[float, Range(gt=0)]
     max_tokens_extra: Annotated[int, Range(ge=0)]
     report_examples: Annotated[int, Range(ge=0)]

@@ -1,7 +1,8 @@
 """`eval` stage: one model of `eval.models` on the held-out test split (`eval@<name>`).
 
-Test loss and perplexity (assistant tokens only), and batched greedy generations scored against
-the references with the task metrics in `eval.metrics`. Writes metrics/eval/<name>.json (for
+Test loss and perplexity (of the reference answers: each row's last assistant turn, given the
+conversation before it), and batched greedy generations scored against the references with the
+task metrics in `eval.metrics`. Writes metrics/eval/<name>.json (for
 `dvc metrics diff` / `dvc exp show`) and every generation to reports/generations/<name>.jsonl.
 Each model is its own stage so that an experiment on `lora.*` or `train.*` re-evaluates the
 models it changed and never the base model; the `report` stage puts the models side by side.
@@ -17,10 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from lorapipe.artifacts import chat_prompt, load_folder, require_folder
-from lorapipe.batches import encode, make_batches
 from lorapipe.errors import LorapipeError
 from lorapipe.io import atomic_write_json, atomic_write_jsonl, read_jsonl
-from lorapipe.loss import dataset_loss
 from lorapipe.params import Params
 from lorapipe.scoring import (
     FIELD_SEPARATOR,
@@ -31,17 +30,13 @@ from lorapipe.scoring import (
 )
 
 # Not eval.models (the stage's own model folder is its dependency; adding a model must not
-# re-run the others) nor eval.report_examples (the report stage's). train.batch_size: the loss
-# batches are training's, so what fit in training fits here (the full-vocabulary logits of
-# eval.batch_size rows might not).
+# re-run the others) nor eval.report_examples (the report stage's).
 PARAMS = (
     "eval.metrics",
     "eval.max_rows",
     "eval.batch_size",
-    "eval.loss_batches",
     "eval.max_tokens_factor",
     "eval.max_tokens_extra",
-    "train.batch_size",
 )
 
 
@@ -83,13 +78,27 @@ def score(
     return {m: max(s[m] for s in scored) for m in scored[0]}, best
 
 
+def reference_tokens(tokenizer: Any, row: dict[str, Any], prompt: list[int]) -> list[int]:
+    """The row's answer as training sees it after the generation `prompt`: the last assistant
+    turn's tokens, its end-of-turn token and whatever the template adds after it."""
+    whole = list(tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=False))
+    if whole[: len(prompt)] != prompt or len(whole) == len(prompt):
+        raise EvalError(
+            "the chat template does not render a conversation as its generation prompt followed "
+            "by the answer, so the answer's loss cannot be read after the prompt"
+        )
+    return whole[len(prompt) :]
+
+
 def evaluate_model(
     model: Any, tokenizer: Any, rows: list[dict[str, Any]], params: Params, world: Any = None
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """The model's loss on every row, and one greedy generation per distinct prompt scored
-    against its best-matching reference (the usual rule where a prompt has several answers, as
-    in SciTLDR). With a distributed `world`, each process takes a share of the loss batches and
-    of the prompts; every process returns the whole result."""
+    """The model's loss on every row's answer, and one greedy generation per distinct prompt
+    scored against its best-matching reference (the usual rule where a prompt has several
+    answers, as in SciTLDR). One pass does both: the references are scored through the prompts'
+    KV cache, which also confirms the rows whose greedy answer is their reference
+    (lorapipe.decode). With a distributed `world`, each process takes a share of the prompts;
+    every process returns the whole result."""
     import mlx.core as mx
 
     from lorapipe.decode import generate_batch
@@ -98,10 +107,6 @@ def evaluate_model(
     world = world if world is not None else mx.distributed.init()
     rank, ranks = world.rank(), world.size()
     config = params.eval
-    encoded = [encode(row, tokenizer, mask_prompt=True) for row in rows]
-    batches = make_batches(encoded, params.train.batch_size, every_row=True, rank=rank, ranks=ranks)
-    loss = dataset_loss(model, batches, config.loss_batches, world)
-
     groups = group_by_prompt(rows)
     mine = list(range(rank, len(groups), ranks))  # this process's prompts
     firsts = [rows[groups[i][0]] for i in mine]
@@ -113,9 +118,15 @@ def evaluate_model(
     ]
     tic = time.perf_counter()
     prompts = [chat_prompt(tokenizer, row["messages"][:-1]) for row in firsts]
-    texts, generated = generate_batch(model, tokenizer, prompts, budgets, config.batch_size)
+    answers = [
+        [reference_tokens(tokenizer, rows[j], prompt) for j in groups[i]]
+        for i, prompt in zip(mine, prompts, strict=True)
+    ]
+    generation = generate_batch(
+        model, tokenizer, prompts, budgets, config.batch_size, references=answers
+    )
     seconds = time.perf_counter() - tic
-    predictions = [text.strip() for text in texts]
+    predictions = [text.strip() for text in generation.texts]
 
     results: list[dict[str, Any]] = []
     for index, row, prediction, refs in zip(mine, firsts, predictions, references, strict=True):
@@ -127,20 +138,37 @@ def evaluate_model(
         if len(refs) > 1:
             record["references"] = len(refs)
         results.append({"index": index, **record, "prediction": prediction, **scores})
-    shares = all_gather_json({"results": results, "tokens": generated, "seconds": seconds}, world)
-    if ranks > 1 and rank == 0:
-        counts = " + ".join(str(len(share["results"])) for share in shares)
-        print(f"eval: {ranks} processes generated {counts} of {len(groups)} prompts", flush=True)
-    results = sorted((r for share in shares for r in share["results"]), key=lambda r: r["index"])
+    losses = [loss for per_prompt in generation.losses for loss in per_prompt]
+    share = {
+        "results": results,
+        "tokens": generation.tokens,
+        "verified": generation.verified,
+        "seconds": seconds,
+        "loss": sum(total for total, _ in losses),
+        "loss_tokens": sum(count for _, count in losses),
+    }
+    shares = all_gather_json(share, world)
+    if rank == 0:
+        verified = sum(s["verified"] for s in shares)
+        print(
+            f"eval: {verified} of {len(groups)} greedy answers were a reference, confirmed while "
+            "scoring it; the others were decoded",
+            flush=True,
+        )
+        if ranks > 1:
+            counts = " + ".join(str(len(s["results"])) for s in shares)
+            print(f"eval: {ranks} processes generated {counts} of {len(groups)} prompts")
+    results = sorted((r for s in shares for r in s["results"]), key=lambda r: r["index"])
     for r in results:
         del r["index"]
 
+    loss = sum(s["loss"] for s in shares) / max(sum(s["loss_tokens"] for s in shares), 1)
     summary: dict[str, float] = {"test_loss": loss, "test_perplexity": math.exp(min(loss, 50))}
     for name in results[0]:
         if name not in ("source", "reference", "references", "prediction"):
             summary[name] = sum(r[name] for r in results) / len(results)
     # The processes generate side by side: their tokens over the slowest one's time.
-    wall = max(share["seconds"] for share in shares)
+    wall = max(s["seconds"] for s in shares)
     summary["generation_tokens_per_second"] = sum(s["tokens"] for s in shares) / max(wall, 1e-9)
     return {k: round(v, 5) for k, v in summary.items()}, results
 
