@@ -474,6 +474,7 @@ class Step:
     memory_limit: bool = False  # mx.set_memory_limit(MEMORY_LIMIT_GB[shape]) while it runs
     swiglu: bool = True  # fast.swiglu_keeping_inputs; False: mlx-lm's swiglu, autodiff's backward
     vector: bool = True  # fast.OneVector: the optimizer over one vector; False: array by array
+    chunked: bool = True  # loss.chunked_cross_entropy over LOSS_CHUNK positions; False: all logits
 
 
 # "before": train_loop as committed before the speed work (isfinite over every gradient,
@@ -490,6 +491,7 @@ VARIANTS: dict[str, Step] = {
     "after, no guard and no clipping": Step(guard=None, clip=False),
     "after, gradient checkpointing": Step(checkpoint=True),
     "after, memory limit": Step(memory_limit=True),
+    "after, whole logits": Step(chunked=False),
 }
 # The limit MLX's allocator is asked to keep to (it then waits for queued work to finish
 # before allocating more): PyTorch + PEFT + torch.compile's peak on the H200 (2026-11-21).
@@ -587,6 +589,11 @@ def build_step(
         return model, run_mlx_lm
 
     v = VARIANTS[kind]
+    if not v.chunked:
+        from lorapipe import loss
+
+        chunk, loss.LOSS_CHUNK = loss.LOSS_CHUNK, 10**9  # read when the step is traced
+        stack.callback(setattr, loss, "LOSS_CHUNK", chunk)
     if v.lora == "compute":
         stack.enter_context(lora_in_compute_dtype(model))
     if v.swiglu:

@@ -267,6 +267,69 @@ def test_logits_at_learned_positions_only_keep_the_loss_and_gradients(
             assert mx.allclose(a, b, rtol=1e-4, atol=1e-6).item(), name
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_cross_entropy_keeps_the_loss_and_gradients(
+    tiny_model_dir: Path, tied: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over LOSS_CHUNK learned positions the loss runs by chunks whose logits the backward pass
+    recomputes: the same loss and adapter gradients as the whole logits at once, with or
+    without gathered positions, plain and compiled (as the training step runs it)."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm import load
+    from mlx_lm.models import llama
+
+    from lorapipe import loss
+    from lorapipe.batches import encode, make_batches
+    from lorapipe.params import load_params
+    from lorapipe.trainer import attach_adapters
+
+    model, tokenizer = load(str(tiny_model_dir))
+    if not tied:
+        args = llama.ModelArgs.from_dict({**vars(model.args), "tie_word_embeddings": False})
+        model = llama.Model(args)
+    mx.random.seed(1)
+    attach_adapters(model, load_params(REPO / "params.yaml").lora)
+    for name, b in tree_flatten(model.trainable_parameters()):  # B = 0 would hide A's gradient
+        if name.endswith("lora_b"):
+            model.update(tree_unflatten([(name, 0.1 * mx.random.normal(b.shape))]))
+    examples = [encode(row, tokenizer, mask_prompt=True) for row in make_rows(8, 4)]
+    tokens, targets, positions = make_batches(examples, 8, every_row=True).arrays(0)
+    loss_and_grad = nn.value_and_grad(model, loss.masked_loss)
+    for gathered in (None, positions):
+        learned = targets[:, 1:].size if gathered is None else gathered.size
+        monkeypatch.setattr(loss, "LOSS_CHUNK", 10**9)
+        (whole, count), whole_grad = loss_and_grad(model, tokens, targets, gathered)
+        monkeypatch.setattr(loss, "LOSS_CHUNK", 7)  # several chunks, the last one short
+        assert learned > 2 * loss.LOSS_CHUNK and learned % loss.LOSS_CHUNK
+
+        def plain(*batch: mx.array | None) -> tuple[tuple[mx.array, mx.array], dict]:
+            return loss_and_grad(model, *batch)
+
+        for run in (plain, mx.compile(plain)):
+            (chunked, chunked_count), grad = run(tokens, targets, gathered)
+            assert chunked.item() == pytest.approx(whole.item(), rel=1e-5)
+            assert chunked_count.item() == count.item() > 0
+            pairs = zip(tree_flatten(grad), tree_flatten(whole_grad), strict=True)
+            for (name, a), (_, b) in pairs:
+                assert mx.allclose(a, b, rtol=1e-4, atol=1e-6).item(), name
+
+
+def test_chunked_cross_entropy_needs_a_frozen_head(tiny_model_dir: Path) -> None:
+    """A model whose output layer trains keeps the whole logits (the chunks give the head no
+    gradient)."""
+    from mlx_lm import load
+
+    from lorapipe.loss import _head_is_frozen
+
+    model = load(str(tiny_model_dir))[0]
+    model.freeze()
+    assert _head_is_frozen(model)
+    model.model.embed_tokens.unfreeze()
+    assert not _head_is_frozen(model)
+
+
 def test_positions_are_padded_to_one_count_per_width() -> None:
     """Every batch of one width gathers the same number of positions (one compiled shape per
     width, as without gathering); padding entries point at unlearned positions; a batch whose

@@ -4,6 +4,11 @@ tokens only, with the output layer run only where a token is learned.
 Small models' vocabularies are many times their width, and prompts are most of a chat row's
 tokens, so the output layer at the learned positions alone is most of a step's saving on the
 CPU (figures: bench/README.md, "logits at learned positions").
+
+Where a batch learns many positions, their logits ([positions x vocabulary], and as much again
+for their gradient) are a large share of a step's memory: over LOSS_CHUNK positions the
+cross-entropy runs by chunks, and the backward pass recomputes each chunk's logits instead of
+keeping them (`chunked_cross_entropy`).
 """
 
 from __future__ import annotations
@@ -11,6 +16,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
+
+# Learned positions whose logits may exist at once in the training loss (~200 MB of float32
+# logits at SmolLM2's 49,152 words); a batch with more runs the cross-entropy by chunks.
+LOSS_CHUNK = 1024
 
 if TYPE_CHECKING:
     from lorapipe.batches import Batches
@@ -43,14 +52,89 @@ def logits_at(model: Any, positions: Any) -> Iterator[None]:
         body.__class__ = original
 
 
+def output_layer(model: Any) -> Any:
+    """The model's head as a function: hidden states [n, width] -> logits [n, vocabulary],
+    whatever the model does after its body (tied or not, softcapped or not). It calls the model
+    with its body swapped for one that returns the given states."""
+    import mlx.core as mx
+
+    body = model.model
+    original = type(body)
+
+    def head(hidden: Any) -> Any:
+        class Given(original):  # type: ignore[misc, valid-type]
+            def __call__(self, *args: Any, **kwargs: Any) -> Any:
+                return hidden
+
+        body.__class__ = Given
+        try:
+            return model(mx.zeros((1, 1), mx.int32))  # the body ignores it
+        finally:
+            body.__class__ = original
+
+    return head
+
+
+def chunked_cross_entropy(head: Any, hidden: Any, labels: Any) -> Any:
+    """cross_entropy(head(hidden), labels) at each of the n positions of hidden [n, width], by
+    chunks of LOSS_CHUNK positions, one after another: the whole [n x vocabulary] logits and
+    their gradient never exist at once. Each chunk's gradient with respect to its hidden states
+    is computed beside its loss, while its logits exist (a position's loss depends on its own
+    state only), so the backward pass only scales it and keeps no logits. (The head's own
+    backward runs through mx.vjp, which recomputes the chunk's logits where the step is not
+    compiled; compiled, they are shared.) The head's weights get no gradient (frozen in LoRA
+    training; masked_loss checks). Computed by hand, the logits' gradient (softmax - one-hot)
+    makes fewer [chunk x vocabulary] temporaries than autodiff's."""
+    import mlx.core as mx
+
+    count = hidden.shape[0]
+    bounds = [(s, min(s + LOSS_CHUNK, count)) for s in range(0, count, LOSS_CHUNK)]
+
+    @mx.custom_function
+    def cross_entropy(states: Any, targets: Any) -> Any:
+        losses: list[Any] = []
+        grads: list[Any] = []
+        for s, e in bounds:
+            chunk, ids = states[s:e], targets[s:e]
+            if grads:  # after the previous chunk is done (else MLX may run them in any order)
+                chunk = mx.depends(chunk, [losses[-1], grads[-1]])
+            logits = head(chunk)
+            lse = mx.logsumexp(logits.astype(mx.float32), axis=-1, keepdims=True)
+            picked = mx.take_along_axis(logits, ids[:, None], axis=-1).astype(mx.float32)
+            losses.append((lse - picked)[:, 0])
+            hot = mx.arange(logits.shape[-1])[None, :] == ids[:, None]
+            slope = (mx.exp(logits.astype(mx.float32) - lse) - hot).astype(logits.dtype)
+            grads.append(mx.vjp(head, [chunk], [slope])[1][0])
+        return mx.concatenate(losses), mx.stop_gradient(mx.concatenate(grads))
+
+    @cross_entropy.vjp
+    def scaled(primals: Any, cotangents: Any, outputs: Any) -> Any:
+        return outputs[1] * cotangents[0][:, None].astype(outputs[1].dtype), mx.zeros_like(
+            primals[1]
+        )
+
+    return cross_entropy(hidden, labels)[0]
+
+
 def masked_loss(model: Any, tokens: Any, targets: Any, positions: Any = None) -> tuple[Any, Any]:
     """Mean cross-entropy over target tokens, and their count; a batch with none gives 0, never
     0/0. With `positions` (Batches.positions) the output layer runs on the learned positions
-    only: the same loss without the logits nothing reads."""
+    only: the same loss without the logits nothing reads. Over LOSS_CHUNK such positions, by
+    chunks (chunked_cross_entropy)."""
     import mlx.core as mx
     import mlx.nn as nn
 
     inputs, labels, mask = tokens[:, :-1], tokens[:, 1:], targets[:, 1:]
+    count = positions.size if positions is not None else labels.size
+    if count > LOSS_CHUNK and _head_is_frozen(model):
+        hidden = model.model(inputs)
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        labels, mask = labels.reshape(-1), mask.reshape(-1)
+        if positions is not None:
+            hidden, labels, mask = hidden[positions], labels[positions], mask[positions]
+        ce = chunked_cross_entropy(output_layer(model), hidden, labels) * mask
+        total = mask.sum()
+        return ce.sum() / mx.maximum(total, 1), total
     if positions is None:
         logits = model(inputs)
     else:
@@ -61,6 +145,18 @@ def masked_loss(model: Any, tokens: Any, targets: Any, positions: Any = None) ->
     ce = nn.losses.cross_entropy(logits, labels) * mask
     count = mask.sum()
     return ce.astype(mx.float32).sum() / mx.maximum(count, 1), count
+
+
+def _head_is_frozen(model: Any) -> bool:
+    """Whether the model is an mlx-lm model (a `model` body) none of whose output-side weights
+    train: chunked_cross_entropy gives its head no gradient."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    if not isinstance(getattr(model, "model", None), nn.Module):
+        return False
+    names = [name for name, _ in tree_flatten(model.trainable_parameters())]
+    return not any(n.startswith(("lm_head", "model.embed_tokens")) for n in names)
 
 
 def spread(count: int, wanted: int) -> list[int]:
