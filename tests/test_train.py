@@ -6,6 +6,7 @@ import json
 import shutil
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -221,6 +222,29 @@ def test_validation_samples_batches_of_every_length() -> None:
     assert spread(3, 1) == [1]
 
 
+def adapted_model(tiny_model_dir: Path, tied: bool, seed: int) -> tuple[Any, Any]:
+    """The tiny model (its head tied to the embedding, or a separate one) with params.yaml's
+    adapters, their B matrices random (B = 0 would hide A's gradient)."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm import load
+    from mlx_lm.models import llama
+
+    from lorapipe.params import load_params
+    from lorapipe.trainer import attach_adapters
+
+    model, tokenizer = load(str(tiny_model_dir))
+    if not tied:
+        args = llama.ModelArgs.from_dict({**vars(model.args), "tie_word_embeddings": False})
+        model = llama.Model(args)
+    mx.random.seed(seed)
+    attach_adapters(model, load_params(REPO / "params.yaml").lora)
+    for name, b in tree_flatten(model.trainable_parameters()):
+        if name.endswith("lora_b"):
+            model.update(tree_unflatten([(name, 0.1 * mx.random.normal(b.shape))]))
+    return model, tokenizer
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_logits_at_learned_positions_only_keep_the_loss_and_gradients(
     tiny_model_dir: Path, tied: bool
@@ -229,24 +253,12 @@ def test_logits_at_learned_positions_only_keep_the_loss_and_gradients(
     every adapter gradient are those of the full logits, with a tied or a separate head."""
     import mlx.core as mx
     import mlx.nn as nn
-    from mlx.utils import tree_flatten, tree_unflatten
-    from mlx_lm import load
-    from mlx_lm.models import llama
+    from mlx.utils import tree_flatten
 
     from lorapipe.batches import encode, make_batches
     from lorapipe.loss import masked_loss
-    from lorapipe.params import load_params
-    from lorapipe.trainer import attach_adapters
 
-    model, tokenizer = load(str(tiny_model_dir))
-    if not tied:
-        args = llama.ModelArgs.from_dict({**vars(model.args), "tie_word_embeddings": False})
-        model = llama.Model(args)
-    mx.random.seed(0)
-    attach_adapters(model, load_params(REPO / "params.yaml").lora)
-    for name, b in tree_flatten(model.trainable_parameters()):  # B = 0 would hide A's gradient
-        if name.endswith("lora_b"):
-            model.update(tree_unflatten([(name, 0.1 * mx.random.normal(b.shape))]))
+    model, tokenizer = adapted_model(tiny_model_dir, tied, seed=0)
     rows = make_rows(9, 4)
     rows[0]["messages"][2]["content"] += " and a much longer answer " * 6  # a wider batch
     examples = [encode(row, tokenizer, mask_prompt=True) for row in rows]
@@ -276,24 +288,12 @@ def test_chunked_cross_entropy_keeps_the_loss_and_gradients(
     without gathered positions, plain and compiled (as the training step runs it)."""
     import mlx.core as mx
     import mlx.nn as nn
-    from mlx.utils import tree_flatten, tree_unflatten
-    from mlx_lm import load
-    from mlx_lm.models import llama
+    from mlx.utils import tree_flatten
 
     from lorapipe import loss
     from lorapipe.batches import encode, make_batches
-    from lorapipe.params import load_params
-    from lorapipe.trainer import attach_adapters
 
-    model, tokenizer = load(str(tiny_model_dir))
-    if not tied:
-        args = llama.ModelArgs.from_dict({**vars(model.args), "tie_word_embeddings": False})
-        model = llama.Model(args)
-    mx.random.seed(1)
-    attach_adapters(model, load_params(REPO / "params.yaml").lora)
-    for name, b in tree_flatten(model.trainable_parameters()):  # B = 0 would hide A's gradient
-        if name.endswith("lora_b"):
-            model.update(tree_unflatten([(name, 0.1 * mx.random.normal(b.shape))]))
+    model, tokenizer = adapted_model(tiny_model_dir, tied, seed=1)
     examples = [encode(row, tokenizer, mask_prompt=True) for row in make_rows(8, 4)]
     tokens, targets, positions = make_batches(examples, 8, every_row=True).arrays(0)
     loss_and_grad = nn.value_and_grad(model, loss.masked_loss)
