@@ -13,7 +13,9 @@ from pathlib import Path
 class RemoteCheck:
     summary: str  # what `lorapipe doctor` prints beside "dvc remote"
     problem: str | None = None  # what is broken, and the command that fixes it (exit 1)
-    note: str | None = None  # what may be intended (no remote, an empty one), and the command
+    # What only `dvc push`/`pull` will meet (no remote, a missing or empty folder), and the
+    # command that fixes it; the pipeline itself runs (exit 0).
+    note: str | None = None
 
 
 def check_remote(project: Path) -> RemoteCheck:
@@ -49,9 +51,12 @@ def check_remote(project: Path) -> RemoteCheck:
             )
         where = Path(path)
         if not where.is_dir():
+            # A note, not a failure: training needs no remote, and a fresh clone of a project
+            # whose remote is a shared folder often lacks it until the user points at it.
             return RemoteCheck(
                 f"{name}: {where} (missing)",
-                f"the default remote '{name}' is the folder {where}, which does not exist, so "
+                note=f"warning: the default remote '{name}' is the folder {where}, which does "
+                "not exist, so "
                 "`dvc pull` finds no data there ('Missing cache files'). Fix: point your clone "
                 f"at the folder the team pushes to: dvc remote modify --local {name} url PATH "
                 f"(or, to start a new remote there: mkdir -p {shlex.quote(str(where))})",
