@@ -905,6 +905,12 @@ def bundled_worker(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
+def peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
 def torch_worker(args: argparse.Namespace) -> None:
     """One case in a fresh process: eager or torch.compile, one shape. Prints JSON."""
     import torch
@@ -913,13 +919,15 @@ def torch_worker(args: argparse.Namespace) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape, compiled = args.shapes, args.worker == "torch-compile"
+    cuda = args.device == "gpu"
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", getattr(torch, args.dtype))
     lora = bench_params(args, 1).lora
     torch.manual_seed(0)
     fields = {k: v for k, v in {**COMMON, **SHAPES[shape]}.items() if k != "model_type"}
     config = LlamaConfig(**fields, max_position_embeddings=max(2048, args.seq + 1))
     config._attn_implementation = "sdpa"  # what MLX's fast attention does: fused SDPA
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
     model = get_peft_model(
         model,
         LoraConfig(
@@ -941,12 +949,13 @@ def torch_worker(args: argparse.Namespace) -> None:
 
     fn = torch.compile(loss_fn) if compiled else loss_fn
     data = [
-        torch.randint(1, COMMON["vocab_size"], (args.batch, args.seq + 1), device="cuda")
+        torch.randint(1, COMMON["vocab_size"], (args.batch, args.seq + 1), device=device)
         for _ in range(DISTINCT_BATCHES)
     ]
-    mask = torch.ones(args.batch, args.seq, device="cuda")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    mask = torch.ones(args.batch, args.seq, device=device)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     marks, losses = [time.perf_counter()], []
     for i in range((args.warmup + args.windows) * args.report_every):
         loss = fn(data[i % DISTINCT_BATCHES], mask)
@@ -957,7 +966,9 @@ def torch_worker(args: argparse.Namespace) -> None:
         if (i + 1) % args.report_every == 0:
             marks.append(time.perf_counter())
     result = windows_from_marks(marks, args.warmup, args.report_every, args.batch * args.seq)
-    peak = torch.cuda.max_memory_allocated() / 1e9
+    # PyTorch's CUDA allocator's peak; on the CPU the process's peak RSS (MLX's figure on the
+    # CPU is its allocator's: the two are not the same measure there).
+    peak = torch.cuda.max_memory_allocated() / 1e9 if cuda else peak_rss_gb()
     if args.profile_steps:
         from torch.profiler import ProfilerActivity, profile
 
@@ -988,7 +999,7 @@ def torch_case(args: argparse.Namespace, shape: str) -> dict[str, Any]:
     for mode in args.torch_modes.split(","):
         log(f"  {shape} {mode} ...")
         command = [
-            sys.executable,
+            args.torch_python or sys.executable,
             __file__,
             "--worker",
             mode,
@@ -1204,6 +1215,11 @@ def main() -> None:
     parser.add_argument("--env-sweep", default="", help="env case: settings separated by ';'")
     parser.add_argument("--env-variants", default="after", help="env case: ablation variants")
     parser.add_argument("--torch-modes", default="torch-eager,torch-compile")
+    parser.add_argument(
+        "--torch-python",
+        help="the Python with torch, transformers and peft that runs the PyTorch cases (e.g. a "
+        "separate venv's; lorapipe comes from src/ on PYTHONPATH); default: this one",
+    )
     parser.add_argument(
         "--trainers",
         default="lorapipe,lorapipe_no_clip,mlx_lm,mlx_lm_keep_cache",

@@ -93,10 +93,12 @@ STAGES = [
     Stage(
         "eval",
         "score one model of eval.models on the test split (dvc.yaml: eval@MODEL)",
-        "Evaluate MODEL, a name in `eval.models` (base, tuned, quantized by default): test loss "
-        "and perplexity, and batched greedy generations scored by `eval.metrics` (exact match, "
-        "field F1, token F1, chrF, compression ratio), one per distinct prompt, against its "
-        "best-matching reference. Writes metrics/eval/MODEL.json and "
+        "Evaluate MODEL, a name in `eval.models` (base, tuned, quantized by default): the loss "
+        "and perplexity of the reference answers, and batched greedy generations scored by "
+        "`eval.metrics` (exact match, field F1, token F1, chrF, compression ratio), one per "
+        "distinct prompt, against its best-matching reference. The references are scored "
+        "through their prompts' KV cache, which also confirms, without decoding them, the "
+        "answers that equal a reference. Writes metrics/eval/MODEL.json and "
         "reports/generations/MODEL.jsonl. LORAPIPE_PROCESSES=N shares the prompts among N "
         "processes.",
         takes_model=True,
