@@ -307,6 +307,8 @@ def test_chunked_cross_entropy_keeps_the_loss_and_gradients(
         def plain(*batch: mx.array | None) -> tuple[tuple[mx.array, mx.array], dict]:
             return loss_and_grad(model, *batch)
 
+        alone, _ = loss.masked_loss(model, tokens, targets, gathered, gradient=False)
+        assert alone.item() == pytest.approx(whole.item(), rel=1e-5)  # validation's way
         for run in (plain, mx.compile(plain)):
             (chunked, chunked_count), grad = run(tokens, targets, gathered)
             assert chunked.item() == pytest.approx(whole.item(), rel=1e-5)

@@ -75,7 +75,7 @@ def output_layer(model: Any) -> Any:
     return head
 
 
-def chunked_cross_entropy(head: Any, hidden: Any, labels: Any) -> Any:
+def chunked_cross_entropy(head: Any, hidden: Any, labels: Any, gradient: bool = True) -> Any:
     """cross_entropy(head(hidden), labels) at each of the n positions of hidden [n, width], by
     chunks of LOSS_CHUNK positions, one after another: the whole [n x vocabulary] logits and
     their gradient never exist at once. Each chunk's gradient with respect to its hidden states
@@ -84,11 +84,21 @@ def chunked_cross_entropy(head: Any, hidden: Any, labels: Any) -> Any:
     backward runs through mx.vjp, which recomputes the chunk's logits where the step is not
     compiled; compiled, they are shared.) The head's weights get no gradient (frozen in LoRA
     training; masked_loss checks). Computed by hand, the logits' gradient (softmax - one-hot)
-    makes fewer [chunk x vocabulary] temporaries than autodiff's."""
+    makes fewer [chunk x vocabulary] temporaries than autodiff's. Without `gradient` (a loss
+    nothing differentiates), the chunks' losses only."""
     import mlx.core as mx
 
     count = hidden.shape[0]
     bounds = [(s, min(s + LOSS_CHUNK, count)) for s in range(0, count, LOSS_CHUNK)]
+
+    if not gradient:
+        losses: list[Any] = []
+        for s, e in bounds:
+            chunk = mx.depends(hidden[s:e], losses[-1:]) if losses else hidden[s:e]
+            logits = head(chunk).astype(mx.float32)
+            picked = mx.take_along_axis(logits, labels[s:e, None], axis=-1)[:, 0]
+            losses.append(mx.logsumexp(logits, axis=-1) - picked)
+        return mx.concatenate(losses)
 
     @mx.custom_function
     def cross_entropy(states: Any, targets: Any) -> Any:
@@ -116,11 +126,13 @@ def chunked_cross_entropy(head: Any, hidden: Any, labels: Any) -> Any:
     return cross_entropy(hidden, labels)[0]
 
 
-def masked_loss(model: Any, tokens: Any, targets: Any, positions: Any = None) -> tuple[Any, Any]:
+def masked_loss(
+    model: Any, tokens: Any, targets: Any, positions: Any = None, gradient: bool = True
+) -> tuple[Any, Any]:
     """Mean cross-entropy over target tokens, and their count; a batch with none gives 0, never
     0/0. With `positions` (Batches.positions) the output layer runs on the learned positions
     only: the same loss without the logits nothing reads. Over LOSS_CHUNK such positions, by
-    chunks (chunked_cross_entropy)."""
+    chunks (chunked_cross_entropy; `gradient=False` where nothing differentiates the loss)."""
     import mlx.core as mx
     import mlx.nn as nn
 
@@ -132,7 +144,7 @@ def masked_loss(model: Any, tokens: Any, targets: Any, positions: Any = None) ->
         labels, mask = labels.reshape(-1), mask.reshape(-1)
         if positions is not None:
             hidden, labels, mask = hidden[positions], labels[positions], mask[positions]
-        ce = chunked_cross_entropy(output_layer(model), hidden, labels) * mask
+        ce = chunked_cross_entropy(output_layer(model), hidden, labels, gradient) * mask
         total = mask.sum()
         return ce.sum() / mx.maximum(total, 1), total
     if positions is None:
@@ -178,7 +190,7 @@ def dataset_loss(model: Any, batches: Batches, max_batches: int = -1, group: Any
     # Every process picks the same batches (by the whole split's count) and scores its share.
     whole = max(batches.whole, len(batches))
     for i in [i for i in spread(whole, max_batches) if i < len(batches)]:
-        loss, n = masked_loss(model, *batches.arrays(i))
+        loss, n = masked_loss(model, *batches.arrays(i), gradient=False)
         total, count = total + loss * n, count + n
         mx.eval(total, count)
     if group is not None and group.size() > 1:
