@@ -28,6 +28,7 @@ import errno
 import http.server
 import ipaddress
 import json
+import signal
 import socket
 import sys
 import threading
@@ -231,6 +232,9 @@ def serve(params: Params, wanted: str | None, host: str, port: int) -> None:
     """Serve until Ctrl-C: the model first (a missing one is an error before anything listens),
     then the address (taken: an error before loading), then the loaded model."""
     name = choose(params, wanted)
+    # Ctrl-C stops it even when started from a script's background job (`cmd &`), where the
+    # shell hands it SIGINT ignored and Python then leaves it so.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     server = listen(host, port)
     models = OneModel(params, name)
     generator = Generator(models, LRUPromptCache(models.cli_args.prompt_cache_size))
