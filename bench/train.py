@@ -481,7 +481,9 @@ class Step:
 # float32 LoRA branch, mx.eval + three .item() after every step); "after": train_loop now.
 # The others switch one lever of "after" off (or on, for checkpointing).
 VARIANTS: dict[str, Step] = {
-    "before": Step(guard="every", lora="fp32", pipelined=False, swiglu=False, vector=False),
+    "before": Step(
+        guard="every", lora="fp32", pipelined=False, swiglu=False, vector=False, chunked=False
+    ),
     "after": Step(),
     "after, optimizer array by array": Step(vector=False),
     "after, LoRA branch in float32": Step(lora="fp32"),

@@ -7,8 +7,8 @@ CPU (figures: bench/README.md, "logits at learned positions").
 
 Where a batch learns many positions, their logits ([positions x vocabulary], and as much again
 for their gradient) are a large share of a step's memory: over LOSS_CHUNK positions the
-cross-entropy runs by chunks, and the backward pass recomputes each chunk's logits instead of
-keeping them (`chunked_cross_entropy`).
+cross-entropy runs by chunks, one after another, each chunk's gradient taken beside its loss so
+that no chunk's logits are kept for the backward pass (`chunked_cross_entropy`).
 """
 
 from __future__ import annotations
