@@ -24,7 +24,10 @@ are here.
   arrays otherwise cost thousands of tiny kernels a step. `ArrayByArray` is mlx's own way: on
   the CPU (where a kernel costs no launch, so one vector does not pay), and for what one vector
   cannot do (Adafactor's factored moments, non-float32 arrays). `trainable_layout` picks one.
-- `checkpoint_blocks`: gradient checkpointing of some or all blocks of one model.
+- `checkpoint_blocks`: gradient checkpointing of some or all blocks of one model; dropout in
+  every block draws its masks from a key passed into the block, so a block that recomputes
+  draws the masks it drew in the forward pass (mx.checkpoint alone would draw new ones, and
+  the gradient would belong to another mask than the loss).
 
 These replace mlx-lm internals by name (`MLX_LM_NAMES`), written for the mlx-lm range that
 pyproject.toml pins; `check_mlx_lm` fails at start-up, naming the version, if one is gone.
@@ -351,33 +354,104 @@ def trainable_layout(model: Any, optimizer: Any) -> ArrayByArray:
     return ArrayByArray(model, optimizer)
 
 
-def _checkpointed(base: type) -> type:
+class _Key:
+    """Holds a dropout layer's key: an object, not an array, so not one of its parameters."""
+
+    value: Any = None
+
+
+_KEYED_DROPOUT: list[type] = []
+
+
+def _keyed_dropout() -> type:
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    if _KEYED_DROPOUT:
+        return _KEYED_DROPOUT[0]
+
+    class KeyedDropout(nn.Dropout):
+        """nn.Dropout that draws its mask from the key its block hands it, not from MLX's
+        global random state, so that a block that runs its forward pass again in the backward
+        pass draws the same mask both times."""
+
+        key: _Key
+
+        def __call__(self, x: Any) -> Any:
+            if self._p_1 == 1 or not self.training:
+                return x
+            mask = mx.random.bernoulli(self._p_1, x.shape, key=self.key.value)
+            return (mask * x) * (1 / self._p_1)
+
+    _KEYED_DROPOUT.append(KeyedDropout)
+    return KeyedDropout
+
+
+_BLOCKS: dict[tuple[type, bool], type] = {}
+
+
+def _block(plain: type, recompute: bool) -> type:
+    """`plain` as a block whose dropout layers draw from one key per call, taken from MLX's
+    random state, and which, if `recompute`, keeps no activations for the backward pass
+    (mlx-lm's grad_checkpoint, as a subclass)."""
     import mlx.core as mx
 
-    class Checkpointed(base):
-        """mlx-lm's grad_checkpoint, as a subclass."""
+    if (plain, recompute) in _BLOCKS:
+        return _BLOCKS[(plain, recompute)]
+    keyed: Any = _keyed_dropout()
+
+    class Block(plain):
+        _lorapipe_plain = plain
 
         def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            def inner(params: Any, *args: Any, **kwargs: Any) -> Any:
-                self.update(params)
-                return base.__call__(self, *args, **kwargs)
+            dropouts = [
+                m
+                for _, m in self.named_modules()
+                if isinstance(m, keyed) and m.training and m._p_1 < 1
+            ]
+            if not (recompute or dropouts):
+                return plain.__call__(self, *args, **kwargs)
 
-            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+            def forward(params: Any, key: Any, *args: Any, **kwargs: Any) -> Any:
+                if recompute:
+                    self.update(params)
+                if dropouts:
+                    # stop_gradient: the backward pass asks for a gradient of every input
+                    keys = mx.random.split(mx.stop_gradient(key), len(dropouts))
+                    for layer, layer_key in zip(dropouts, keys, strict=True):
+                        layer.key.value = layer_key
+                return plain.__call__(self, *args, **kwargs)
 
-    return Checkpointed
+            # A key (two 32-bit words) drawn from MLX's random state, as a draw would take one.
+            key = (
+                mx.random.randint(0, 2**31 - 1, (2,)).astype(mx.uint32)
+                if dropouts
+                else mx.zeros((2,), mx.uint32)
+            )
+            run = mx.checkpoint(forward) if recompute else forward
+            return run(self.trainable_parameters(), key, *args, **kwargs)
+
+    _BLOCKS[(plain, recompute)] = Block
+    return Block
 
 
 def checkpoint_blocks(model: Any, count: int) -> int:
     """Make the first `count` blocks (-1: all) recompute their activations in the backward pass
-    instead of keeping them from the forward pass: the same maths in less memory, for one more
-    forward pass of those blocks. mlx-lm's grad_checkpoint patches the block class, i.e. every
-    block of every model of that class; this swaps the class of this model's chosen blocks
-    only. Returns how many blocks."""
-    chosen = model.layers if count == -1 else model.layers[:count]
-    classes: dict[type, type] = {}
-    for layer in chosen:
-        base = type(layer)
-        if base not in classes:
-            classes[base] = _checkpointed(base)
-        layer.__class__ = classes[base]
-    return len(chosen)
+    instead of keeping them from the forward pass, and the others keep theirs: the same maths
+    in less memory, for one more forward pass of those blocks. mlx-lm's grad_checkpoint patches
+    the block class, i.e. every block of every model of that class; this swaps the class of
+    this model's blocks only. Dropout (lora.dropout) then draws each block's masks from a key
+    passed into the block, in every block, so a recomputing block draws the same masks again
+    and the run is the same whichever blocks recompute (a checkpoint resumes across a change).
+    Returns how many blocks recompute."""
+    import mlx.nn as nn
+
+    keyed = _keyed_dropout()
+    count = len(model.layers) if count == -1 else min(count, len(model.layers))
+    for index, layer in enumerate(model.layers):
+        for _, module in layer.named_modules():
+            if type(module) is nn.Dropout:
+                module.__class__, module.key = keyed, _Key()
+        plain = getattr(type(layer), "_lorapipe_plain", type(layer))
+        layer.__class__ = _block(plain, recompute=index < count)
+    return count
