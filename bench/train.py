@@ -73,6 +73,7 @@ import numpy as np
 
 from lorapipe import runtime
 from lorapipe.io import atomic_write_json
+from lorapipe.memory import OutOfMemory
 
 if TYPE_CHECKING:
     from lorapipe.tracking import Recorder
@@ -175,7 +176,6 @@ def bench_params(args: argparse.Namespace, total_steps: int) -> Any:
         batch_size=args.batch,
         grad_accumulation_steps=1,
         max_seq_length=args.seq + 1,
-        grad_checkpoint=0,
         steps_per_report=args.report_every,
         steps_per_eval=total_steps,
         val_batches=0,
@@ -258,40 +258,42 @@ def run_lorapipe(
     clip: bool = True,
     memory_limit: bool = False,
     checkpoint: bool = False,
+    target_gb: float | None = None,
 ) -> dict[str, Any]:
     import mlx.core as mx
 
-    from lorapipe.fast import checkpoint_blocks
+    from lorapipe.fast import fast_training
+    from lorapipe.memory import fit_memory
     from lorapipe.tracking import Recorder
     from lorapipe.trainer import TrainingRun, attach_adapters, train_loop
 
     total = (args.warmup + args.windows) * args.report_every
     params = bench_params(args, total)
+    train = params.train
     if not clip:  # mlx-lm's trainer does not clip: the same arithmetic as it
-        params = dataclasses.replace(
-            params, train=dataclasses.replace(params.train, max_grad_norm=None)
-        )
+        train = dataclasses.replace(train, max_grad_norm=None)
     if memory_limit:  # train.memory_limit_gb: the allocator limit while training
         limit = (MATCHED_LIMIT_GB if checkpoint else MEMORY_LIMIT_GB)[shape]
-        params = dataclasses.replace(
-            params, train=dataclasses.replace(params.train, memory_limit_gb=limit)
-        )
+        train = dataclasses.replace(train, memory_limit_gb=limit, grad_checkpoint=0)
     if checkpoint:  # train.grad_checkpoint: blocks that recompute their activations
-        params = dataclasses.replace(
-            params,
-            train=dataclasses.replace(
-                params.train, grad_checkpoint=args.checkpoint_blocks or CHECKPOINT_BLOCKS[shape]
-            ),
-        )
+        blocks = args.checkpoint_blocks or CHECKPOINT_BLOCKS[shape]
+        train = dataclasses.replace(train, grad_checkpoint=blocks)
+    if target_gb is not None:  # train.memory_limit_gb alone: auto recomputes to meet it
+        train = dataclasses.replace(train, memory_limit_gb=target_gb, grad_checkpoint="auto")
     model = mlx_model(shape, args.dtype, seed)
     attach_adapters(model, params.lora)
-    checkpoint_blocks(model, params.train.grad_checkpoint)  # as the stage does
-    recorder = Recorder()
     free_mlx()
+    trainable = count_params(model)[1]
+    recorder = Recorder()
     with tempfile.TemporaryDirectory() as tmp:
-        run = TrainingRun.fresh(
-            model, params.train, params.seed, batches, total, Path(tmp), recorder
-        )
+        run = TrainingRun.fresh(model, train, params.seed, batches, total, Path(tmp), recorder)
+        started = time.perf_counter()
+        with fast_training(model):  # as the stage does: the blocks that recompute, checked
+            fit = fit_memory(model, batches, train, trainable, run.recompile)
+        fit_seconds = time.perf_counter() - started
+        need = fit.need / 1e9
+        log(f"    {fit.blocks} blocks recompute; a step needs {need:.2f} GB ({fit_seconds:.1f} s)")
+        free_mlx()
         state = train_loop(run)
     marks = report_marks(recorder)
     result = windows_from_marks(marks, args.warmup, args.report_every, args.batch * args.seq)
@@ -301,6 +303,10 @@ def run_lorapipe(
         losses=[r["train_loss"] for r in train_records],
         own_tokens_per_s=[r["tokens_per_second"] for r in train_records],
         steps=state.step,
+        memory_limit_gb=train.memory_limit_gb,
+        recomputed_blocks=fit.blocks,
+        fit_need_gb=fit.need / 1e9,
+        fit_seconds=fit_seconds,
     )
     del model, run
     return result
@@ -398,13 +404,29 @@ def trainers_case(args: argparse.Namespace, shape: str) -> dict[str, Any]:
         "mlx_lm": run_mlx_lm,  # as mlx_lm.lora runs it: buffer cache emptied every step
         "mlx_lm_keep_cache": partial(run_mlx_lm, keep_cache=True),
     }
-    runners = {name: known[name] for name in args.trainers.split(",")}
+    for target in args.memory_targets.get(shape, []):  # lorapipe_target_3.12GB, ...
+        known[f"lorapipe_target_{target}GB"] = partial(run_lorapipe, target_gb=target)
+    names = args.trainers.split(",")
+    if "lorapipe_targets" in names:
+        at = names.index("lorapipe_targets")
+        names[at : at + 1] = [n for n in known if n.startswith("lorapipe_target_")]
+    runners = {name: known[name] for name in names}
     runs: dict[str, list[dict[str, Any]]] = {name + args.trainer_suffix: [] for name in runners}
+    unfit: dict[str, str] = {}
     for repeat in range(args.repeats):
         for name, runner in runners.items():
+            if name + args.trainer_suffix in unfit:
+                continue
             log(f"  {shape} {name} run {repeat + 1}/{args.repeats} ...")
             load = os.getloadavg()[0]  # other work on the machine: the noise to expect
-            runs[name + args.trainer_suffix].append(runner(args, shape, batches, seed=0))
+            try:
+                runs[name + args.trainer_suffix].append(runner(args, shape, batches, seed=0))
+            except OutOfMemory as exc:  # a memory target no setting meets: say so, go on
+                log(f"    {exc}")
+                unfit[name + args.trainer_suffix] = str(exc)
+                del runs[name + args.trainer_suffix]
+                free_mlx()
+                continue
             last = runs[name + args.trainer_suffix][-1]
             last["load_before"], last["load_after"] = load, os.getloadavg()[0]
             log(
@@ -419,6 +441,8 @@ def trainers_case(args: argparse.Namespace, shape: str) -> dict[str, Any]:
     attach_adapters(model, bench_params(args, 1).lora)
     total, trainable = count_params(model)
     result: dict[str, Any] = {"params": total, "trainable": trainable, "runs": runs}
+    if unfit:
+        result["unfit"] = unfit
     # Same weights, batches and order: the losses agree up to rounding (bf16 drifts faster).
     ours, theirs = (n + args.trainer_suffix for n in ("lorapipe_no_clip", "mlx_lm_keep_cache"))
     if ours in runs and theirs in runs:
@@ -452,6 +476,12 @@ def summarize(trainers: dict[str, Any]) -> None:
             "peak_memory_gb": max(r["peak_memory_gb"] for r in results),
             "mfu": mfu(trainers["params"], statistics.median(tps)),
         }
+
+
+def memory_targets(text: str) -> dict[str, list[float]]:
+    """'135m=3.12,4.42;1.7b=11.69' -> {'135m': [3.12, 4.42], '1.7b': [11.69]}"""
+    pairs = (part.split("=") for part in text.split(";") if part)
+    return {shape: [float(v) for v in values.split(",")] for shape, values in pairs}
 
 
 def mfu(params: int, tokens_per_s: float) -> float:
@@ -1225,7 +1255,15 @@ def main() -> None:
     parser.add_argument(
         "--trainers",
         default="lorapipe,lorapipe_no_clip,mlx_lm,mlx_lm_keep_cache",
-        help="trainers case: which (also lorapipe_memory_limit, lorapipe_matched)",
+        help="trainers case: which (also lorapipe_memory_limit, lorapipe_matched, and "
+        "lorapipe_targets: one run per --memory-targets figure)",
+    )
+    parser.add_argument(
+        "--memory-targets",
+        type=memory_targets,
+        default="135m=3.12,4.42;1.7b=11.69,15.72;tiny=0.05,0.1",
+        help="lorapipe_targets: train.memory_limit_gb values per shape, grad_checkpoint auto "
+        "(default: Unsloth's and torch.compile's peaks on an H100, ../shared/FACTS.md)",
     )
     parser.add_argument(
         "--checkpoint-blocks", type=int, help="lorapipe_matched: blocks (default CHECKPOINT_BLOCKS)"

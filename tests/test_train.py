@@ -57,12 +57,17 @@ def test_kill_then_resume_gives_the_uninterrupted_result(
     proc.send_signal(signal.SIGKILL)  # no handler runs: like a power cut
     proc.communicate()
 
+    # Recomputing activations changes the memory, not the maths: the checkpoint still resumes.
+    set_params(train_project, **{"train.grad_checkpoint": -1})
     resumed = train(train_project)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from models/checkpoints/step-" in resumed.stdout
+    assert "memory: 2 of 2 blocks recompute their activations" in resumed.stdout
     assert_same_run(train_project, uninterrupted)
     summary = json.loads((train_project / "metrics" / "train.json").read_text())
-    assert summary["steps"] == ITERS
+    assert summary["steps"] == ITERS and summary["recomputed_blocks"] == 2
+    reference = json.loads((uninterrupted / "metrics" / "train.json").read_text())
+    assert reference["recomputed_blocks"] == 0  # auto, and the step fits in the free RAM
     # A run resumed at its end trains nothing, yet reports the run's peak memory, not its own.
     again = train(train_project)
     assert again.returncode == 0, again.stderr

@@ -356,18 +356,29 @@ def test_checkpointed_blocks_give_the_same_loss_and_gradients(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """train.grad_checkpoint: N blocks recompute their activations (their forward pass runs
-    again in the backward pass); the maths is the same, and another model of the same class is
-    left alone (mlx-lm's grad_checkpoint patches the class)."""
+    again in the backward pass); the maths is the same, dropout's masks included (the second
+    pass must draw the ones the first drew), and another model of the same class is left alone
+    (mlx-lm's grad_checkpoint patches the class)."""
     import mlx.core as mx
+    import mlx.nn as nn
 
     from lorapipe.fast import checkpoint_blocks
 
-    plain_loss, plain = loss_and_grads(lora_model(tiny_model_dir, "float32"), fast=False)
-    model = lora_model(tiny_model_dir, "float32")
-    other = lora_model(tiny_model_dir, "float32")
-    block = type(model.layers[0])
+    def with_dropout(model: Any) -> Any:
+        for _, module in model.named_modules():
+            if hasattr(module, "dropout"):
+                module.dropout = nn.Dropout(0.5)
+        return model
+
+    plain = lora_model(tiny_model_dir, "float32")
+    block = type(plain.layers[0])
+    model = with_dropout(lora_model(tiny_model_dir, "float32"))
+    keeping = with_dropout(lora_model(tiny_model_dir, "float32"))
+    assert checkpoint_blocks(keeping, 0) == 0
+    keeping_loss, keeping_grads = loss_and_grads(keeping, fast=False)
     assert checkpoint_blocks(model, 1) == 1
-    assert type(model.layers[0]) is not type(model.layers[1]) is type(other.layers[0]) is block
+    assert type(model.layers[0]) is not type(model.layers[1]) is type(keeping.layers[1])
+    assert type(plain.layers[0]) is block  # the class itself is untouched
 
     calls: list[Any] = []
     forward = block.__call__
@@ -380,7 +391,87 @@ def test_checkpointed_blocks_give_the_same_loss_and_gradients(
     loss, grads = loss_and_grads(model, fast=False)
     runs = [sum(c is layer for c in calls) for layer in model.layers]
     assert runs == [2] + [1] * (len(model.layers) - 1)  # block 0 ran again in the backward
-    assert loss == pytest.approx(plain_loss, rel=1e-6)
-    for name, value in plain.items():
+    assert loss == pytest.approx(keeping_loss, rel=1e-6)
+    for name, value in keeping_grads.items():
         assert mx.allclose(grads[name], value, rtol=1e-5, atol=1e-7).item(), name
-    assert checkpoint_blocks(other, -1) == len(other.layers)
+    # Dropout did drop: without it the loss is another.
+    plain_loss, _ = loss_and_grads(plain, fast=False)
+    assert abs(plain_loss - loss) > 1e-3
+    assert checkpoint_blocks(model, -1) == len(model.layers)
+    assert checkpoint_blocks(model, 0) == 0
+    assert len({type(layer) for layer in model.layers}) == 1
+
+
+def deep_lora_model() -> Any:
+    """A llama of 8 narrow blocks with LoRA, random weights: its activations, not its weights,
+    fill a step's memory, as in a real model at a long sequence length."""
+    import mlx.core as mx
+    from mlx_lm.models.llama import Model, ModelArgs
+
+    from lorapipe.params import load_params
+    from lorapipe.trainer import attach_adapters
+
+    mx.random.seed(0)
+    shape = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 8}
+    heads = {"num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}
+    model = Model(ModelArgs(model_type="llama", rms_norm_eps=1e-5, **shape, **heads))
+    attach_adapters(model, load_params(REPO / "params.yaml").lora)
+    return model
+
+
+def test_auto_checkpointing_recomputes_the_fewest_blocks_that_fit_the_limit(
+    tmp_path: Path,
+) -> None:
+    """train.grad_checkpoint: auto with train.memory_limit_gb: the fewest recomputing blocks
+    whose training step fits; a limit nothing fits in fails before training with what to
+    change."""
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    from lorapipe.batches import Example, make_batches
+    from lorapipe.fast import checkpoint_blocks
+    from lorapipe.memory import OutOfMemory, fit_memory, trial_peak
+    from lorapipe.params import load_params
+    from lorapipe.tracking import Recorder
+    from lorapipe.trainer import TrainingRun
+
+    model = deep_lora_model()
+    rng = np.random.default_rng(0)
+    rows = [Example(rng.integers(1, 512, 257).tolist(), [0] + [1] * 256) for _ in range(8)]
+    batches = make_batches(rows, 4)
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    train = load_params(REPO / "params.yaml").train
+    assert train.grad_checkpoint == "auto"
+    run = TrainingRun.fresh(model, train, 0, batches, 10, tmp_path, Recorder())
+    state = 8 * trainable
+    needs = []
+    for blocks in range(len(model.layers)):
+        checkpoint_blocks(model, blocks)
+        needs.append(trial_peak(run.recompile(), batches.arrays(0), None) + state)
+    assert needs[0] > 2 * needs[-1], needs  # recomputing is what makes a step smaller here
+
+    fit = fit_memory(model, batches, train, trainable, run.recompile)  # no limit: free RAM
+    assert fit.blocks == 0 and fit.source == "free RAM"
+    limit_gb = (needs[3] + needs[4]) / 2 / 1e9  # 4 blocks fit, 3 do not
+    limited = dataclasses.replace(train, memory_limit_gb=limit_gb)
+    fit = fit_memory(model, batches, limited, trainable, run.recompile)
+    assert fit.blocks == 4 and fit.need <= limit_gb * 1e9
+    assert fit.source == "train.memory_limit_gb"
+    recomputing = [type(layer) is not type(model.layers[-1]) for layer in model.layers]
+    assert recomputing == [True] * 4 + [False] * 4
+
+    # A number of blocks is taken as it is, and checked.
+    fixed = dataclasses.replace(train, memory_limit_gb=limit_gb, grad_checkpoint=2)
+    with pytest.raises(
+        OutOfMemory,
+        match="with 2 of 8 blocks recomputing needs about .* GB, more than the .* GB of "
+        "train.memory_limit_gb; set train.grad_checkpoint: auto",
+    ):
+        fit_memory(model, batches, fixed, trainable, run.recompile)
+    tiny = dataclasses.replace(train, memory_limit_gb=needs[-1] / 4 / 1e9)
+    with pytest.raises(
+        OutOfMemory,
+        match=r"\(4x257 tokens\) with 8 of 8 blocks recomputing .*"
+        "lower train.batch_size .*, or raise it if the machine has more",
+    ):
+        fit_memory(model, batches, tiny, trainable, run.recompile)

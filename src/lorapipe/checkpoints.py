@@ -24,7 +24,8 @@ LATEST = "latest.json"
 BEST_ADAPTER = "best.safetensors"  # the adapter at the lowest validation loss so far
 WINDOW = ("loss", "tokens", "steps", "seconds")
 # train params that may change between a run and its resume: they shape no update.
-RESUMABLE_CHANGES = ("steps_per_report", "save_every", "memory_limit_gb")
+# Settings that change how a run goes, not what it computes: a checkpoint resumes across them.
+RESUMABLE_CHANGES = ("steps_per_report", "save_every", "memory_limit_gb", "grad_checkpoint")
 
 
 @dataclass

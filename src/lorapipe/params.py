@@ -176,7 +176,7 @@ class TrainParams:
     grad_accumulation_steps: Annotated[int, Range(ge=1)]
     max_seq_length: Annotated[int, Range(ge=8)]
     mask_prompt: bool
-    grad_checkpoint: Annotated[int, Range(ge=-1)]
+    grad_checkpoint: Annotated[int, Range(ge=-1)] | Literal["auto"]
     memory_limit_gb: Annotated[float, Range(gt=0)] | None
     optimizer: Literal["adamw", "adam", "sgd", "adafactor"]
     learning_rate: Annotated[float, Range(gt=0)]

@@ -295,6 +295,11 @@ class TrainingRun:
 
         return step
 
+    def recompile(self) -> Any:
+        """The step compiled afresh (after the model's blocks changed), as `self.step`."""
+        self.step = self._compile_step()
+        return self.step
+
     def launch(self, number: int, previous: Any) -> Queued:
         """Queue step `number` (0-based) on the device and return at once."""
         import mlx.core as mx

@@ -27,7 +27,7 @@ from lorapipe.checkpoints import (
     restore,
 )
 from lorapipe.io import atomic_dir, atomic_write_json
-from lorapipe.memory import OutOfMemory, check_memory, is_out_of_memory
+from lorapipe.memory import OutOfMemory, fit_memory, is_out_of_memory
 from lorapipe.params import Params, TrainParams
 from lorapipe.trainer import (
     TrainError,
@@ -58,7 +58,9 @@ def check_splits(splits: dict[str, list[Example]], train: TrainParams) -> None:
             )
 
 
-def summarize(state: LoopState, train: TrainParams, padding: float) -> dict[str, Any]:
+def summarize(
+    state: LoopState, train: TrainParams, padding: float, recomputed_blocks: int
+) -> dict[str, Any]:
     """metrics/train.json: what the run learned and what it cost."""
     import mlx.core as mx
 
@@ -79,6 +81,7 @@ def summarize(state: LoopState, train: TrainParams, padding: float) -> dict[str,
         # at the end and trained nothing).
         "peak_memory_gb": round(max([*peaks, mx.get_peak_memory() / 1e9]), 3),
         "padding_fraction": round(padding, 4),
+        "recomputed_blocks": recomputed_blocks,  # train.grad_checkpoint's choice
     }
 
 
@@ -87,7 +90,7 @@ def main(params: Params) -> None:
     from mlx.utils import tree_flatten
     from mlx_lm.utils import load
 
-    from lorapipe.fast import check_mlx_lm, checkpoint_blocks, fast_training
+    from lorapipe.fast import check_mlx_lm, fast_training
     from lorapipe.provenance import run_record
     from lorapipe.tracking import Recorder, Tracker
 
@@ -144,37 +147,41 @@ def main(params: Params) -> None:
         f"{total_steps} steps of {train.batch_size}; padding {train_batches.padding_fraction:.1%}"
     )
     tracker.replay(state.history)
-    if train.grad_checkpoint > len(model.layers):
+    if train.grad_checkpoint != "auto" and train.grad_checkpoint > len(model.layers):
         raise TrainError(
             f"train.grad_checkpoint: {train.grad_checkpoint} but the model has "
             f"{len(model.layers)} blocks"
         )
-    checkpoint_blocks(model, train.grad_checkpoint)
+    run = TrainingRun(
+        model,
+        optimizer,
+        train_batches,
+        valid_batches,
+        train,
+        params.seed,
+        total_steps,
+        state,
+        checkpoints,
+        fp,
+        tracker,
+        world,
+    )
     with fast_training(model):  # measure the step training will run
-        need = check_memory(model, train_batches, train, trainable)
-    tracker.say(f"memory: a step on the longest batch needs about {need / 1e9:.2f} GB")
+        fit = fit_memory(model, train_batches, train, trainable, run.recompile, world)
+    tracker.say(
+        f"memory: {fit.blocks} of {len(model.layers)} blocks recompute their activations "
+        f"(train.grad_checkpoint: {train.grad_checkpoint}); a step on the longest batch needs "
+        f"about {fit.need / 1e9:.2f} GB of the {fit.limit / 1e9:.2f} GB of {fit.source}"
+    )
     try:
-        run = TrainingRun(
-            model,
-            optimizer,
-            train_batches,
-            valid_batches,
-            train,
-            params.seed,
-            total_steps,
-            state,
-            checkpoints,
-            fp,
-            tracker,
-            world,
-        )
         state = train_loop(run)
     except (RuntimeError, MemoryError) as exc:
         if not is_out_of_memory(exc):
             raise
         raise OutOfMemory(
-            f"train: out of memory after step {state.step}: {exc}; lower train.batch_size or "
-            "train.max_seq_length, or set train.grad_checkpoint: -1; run `dvc repro train` to "
+            f"train: out of memory after step {state.step}: {exc}; set train.memory_limit_gb "
+            "below what the machine has (train.grad_checkpoint: auto then fits the step in it), "
+            "or lower train.batch_size or train.max_seq_length; run `dvc repro train` to "
             f"resume from the last checkpoint in {checkpoints}"
         ) from exc
     finally:
@@ -191,7 +198,7 @@ def main(params: Params) -> None:
                 str(out / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters()))
             )
         atomic_write_json(out / "adapter_config.json", adapter_config(params.lora, num_layers))
-    summary = summarize(state, train, train_batches.padding_fraction)
+    summary = summarize(state, train, train_batches.padding_fraction, fit.blocks)
     atomic_write_json(Path(paths.metrics) / "train.json", summary)
     atomic_write_json(Path(paths.reports) / "run.json", run_record())
     print(
