@@ -69,7 +69,10 @@ STAGES = [
         "Logs train loss, learning rate, tokens/s, trained tokens and peak memory (DVCLive, "
         "`paths.train_log`; `tail -f` the train.log in `paths.checkpoints`). Checkpoints every "
         "`train.save_every` steps and on Ctrl-C; re-running resumes from the last one. A "
-        "non-finite loss stops with the last good checkpoint kept. Writes the best (or last) "
+        "non-finite loss stops with the last good checkpoint kept. Before step 1, trial steps "
+        "fit a step in `train.memory_limit_gb` (or the free memory), choosing how many blocks "
+        "recompute their activations (`train.grad_checkpoint: auto`), or stop saying what to "
+        "lower. Writes the best (or last) "
         "adapter to `paths.adapters` (an mlx-lm adapter folder) and metrics/train.json. "
         "LORAPIPE_PROCESSES=N (or LORAPIPE_HOSTFILE=hosts.json) in the environment trains as N "
         "data-parallel processes through mlx.launch, with the same result.",
