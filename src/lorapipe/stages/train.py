@@ -166,14 +166,14 @@ def main(params: Params) -> None:
         tracker,
         world,
     )
-    with fast_training(model):  # measure the step training will run
-        fit = fit_memory(model, train_batches, train, trainable, run.recompile, world)
-    tracker.say(
-        f"memory: {fit.blocks} of {len(model.layers)} blocks recompute their activations "
-        f"(train.grad_checkpoint: {train.grad_checkpoint}); a step on the longest batch needs "
-        f"about {fit.need / 1e9:.2f} GB of the {fit.limit / 1e9:.2f} GB of {fit.source}"
-    )
     try:
+        with fast_training(model):  # measure the step training will run
+            fit = fit_memory(model, train_batches, train, trainable, run.recompile, world)
+        tracker.say(
+            f"memory: {fit.blocks} of {len(model.layers)} blocks recompute their activations "
+            f"(train.grad_checkpoint: {train.grad_checkpoint}); a step on the longest batch "
+            f"needs about {fit.need / 1e9:.2f} GB of the {fit.limit / 1e9:.2f} GB of {fit.source}"
+        )
         state = train_loop(run)
     except (RuntimeError, MemoryError) as exc:
         if not is_out_of_memory(exc):
