@@ -283,13 +283,12 @@ def run_lorapipe(
     model = mlx_model(shape, args.dtype, seed)
     attach_adapters(model, params.lora)
     free_mlx()
-    trainable = count_params(model)[1]
     recorder = Recorder()
     with tempfile.TemporaryDirectory() as tmp:
         run = TrainingRun.fresh(model, train, params.seed, batches, total, Path(tmp), recorder)
         started = time.perf_counter()
         with fast_training(model):  # as the stage does: the blocks that recompute, checked
-            fit = fit_memory(model, batches, train, trainable, run.recompile)
+            fit = fit_memory(run)
         fit_seconds = time.perf_counter() - started
         need = fit.need / 1e9
         log(f"    {fit.blocks} blocks recompute; a step needs {need:.2f} GB ({fit_seconds:.1f} s)")

@@ -426,7 +426,6 @@ def test_auto_checkpointing_recomputes_the_fewest_blocks_that_fit_the_limit(
     whose training step fits; a limit nothing fits in fails before training with what to
     change."""
     import numpy as np
-    from mlx.utils import tree_flatten
 
     from lorapipe.batches import Example, make_batches
     from lorapipe.fast import checkpoint_blocks
@@ -439,39 +438,81 @@ def test_auto_checkpointing_recomputes_the_fewest_blocks_that_fit_the_limit(
     rng = np.random.default_rng(0)
     rows = [Example(rng.integers(1, 512, 257).tolist(), [0] + [1] * 256) for _ in range(8)]
     batches = make_batches(rows, 4)
-    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     train = load_params(REPO / "params.yaml").train
     assert train.grad_checkpoint == "auto"
     run = TrainingRun.fresh(model, train, 0, batches, 10, tmp_path, Recorder())
-    state = 8 * trainable
     needs = []
     for blocks in range(len(model.layers)):
         checkpoint_blocks(model, blocks)
-        needs.append(trial_peak(run.recompile(), batches.arrays(0), None) + state)
+        run.recompile()
+        needs.append(trial_peak(run, 0, None))
     assert needs[0] > 2 * needs[-1], needs  # recomputing is what makes a step smaller here
 
-    fit = fit_memory(model, batches, train, trainable, run.recompile)  # no limit: free RAM
+    fit = fit_memory(run)  # no limit: free RAM
     assert fit.blocks == 0 and fit.source == "free RAM"
     limit_gb = (needs[3] + needs[4]) / 2 / 1e9  # 4 blocks fit, 3 do not
-    limited = dataclasses.replace(train, memory_limit_gb=limit_gb)
-    fit = fit_memory(model, batches, limited, trainable, run.recompile)
+    run.train = dataclasses.replace(train, memory_limit_gb=limit_gb)
+    fit = fit_memory(run)
     assert fit.blocks == 4 and fit.need <= limit_gb * 1e9
     assert fit.source == "train.memory_limit_gb"
     recomputing = [type(layer) is not type(model.layers[-1]) for layer in model.layers]
     assert recomputing == [True] * 4 + [False] * 4
 
     # A number of blocks is taken as it is, and checked.
-    fixed = dataclasses.replace(train, memory_limit_gb=limit_gb, grad_checkpoint=2)
+    run.train = dataclasses.replace(train, memory_limit_gb=limit_gb, grad_checkpoint=2)
     with pytest.raises(
         OutOfMemory,
         match="with 2 of 8 blocks recomputing needs about .* GB, more than the .* GB of "
         "train.memory_limit_gb; set train.grad_checkpoint: auto",
     ):
-        fit_memory(model, batches, fixed, trainable, run.recompile)
-    tiny = dataclasses.replace(train, memory_limit_gb=needs[-1] / 4 / 1e9)
+        fit_memory(run)
+    run.train = dataclasses.replace(train, memory_limit_gb=needs[-1] / 4 / 1e9)
     with pytest.raises(
         OutOfMemory,
         match=r"\(4x257 tokens\) with 8 of 8 blocks recomputing .*"
         "lower train.batch_size .*, or raise it if the machine has more",
     ):
-        fit_memory(model, batches, tiny, trainable, run.recompile)
+        fit_memory(run)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_memory_trials_leave_training_as_it_would_have_been(
+    tmp_path: Path, accumulate: int
+) -> None:
+    """The trials run training's own steps, update included, and undo them: a run fitted
+    first trains exactly as one that was not (losses, adapter, optimizer state)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from lorapipe.batches import Example, make_batches
+    from lorapipe.memory import fit_memory
+    from lorapipe.params import load_params
+    from lorapipe.tracking import Recorder
+    from lorapipe.trainer import TrainingRun, train_loop
+
+    rng = np.random.default_rng(1)
+    rows = [Example(rng.integers(1, 512, 33).tolist(), [0] + [1] * 32) for _ in range(8)]
+    batches = make_batches(rows, 2)
+    train = load_params(REPO / "params.yaml").train
+    train = dataclasses.replace(train, grad_accumulation_steps=accumulate, steps_per_eval=4)
+    runs = []
+    for fitted in (True, False):
+        model, checkpoints = deep_lora_model(), tmp_path / str(fitted)
+        checkpoints.mkdir()
+        run = TrainingRun.fresh(model, train, 0, batches, 4, checkpoints, Recorder())
+        if fitted:
+            fit_memory(run)
+        train_loop(run)
+        runs.append(run)
+    (fitted_run, plain_run) = runs
+    timing = {"tokens_per_second", "peak_memory_gb"}
+    fitted, plain = (
+        [{k: v for k, v in record.items() if k not in timing} for record in r.state.history]
+        for r in runs
+    )
+    assert fitted == plain and len(plain) >= 3
+    for name, array in plain_run.layout.parameters().items():
+        assert mx.array_equal(fitted_run.layout.parameters()[name], array).item(), name
+    fitted_state, plain_state = (r.layout.optimizer_state() for r in runs)
+    assert fitted_state.keys() == plain_state.keys()
+    assert all(mx.array_equal(fitted_state[k], plain_state[k]).item() for k in plain_state)

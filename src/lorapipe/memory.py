@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from lorapipe.batches import Batches
 from lorapipe.errors import LorapipeError
-from lorapipe.params import TrainParams
+
+if TYPE_CHECKING:
+    from lorapipe.trainer import TrainingRun
 
 # Messages of the allocators that run out: Metal, CUDA, and the CPU's C++ runtime.
 _OUT_OF_MEMORY = ("out of memory", "insufficient memory", "bad_alloc", "cudamalloc", "outofmemory")
@@ -64,67 +65,44 @@ class Fit(NamedTuple):
     """How a step is made to fit: the blocks that recompute, and what a step then needs."""
 
     blocks: int  # blocks whose activations are recomputed in the backward pass
-    need: int  # bytes: a trial step's peak plus the optimizer's state
+    need: int  # bytes: the peak of trial steps, the optimizer's state included
     limit: int  # bytes it must stay under
     source: str  # where the limit comes from
 
 
-def fit_memory(
-    model: Any,
-    batches: Batches,
-    train: TrainParams,
-    trainable: int,
-    compile_step: Callable[[], Any],
-    world: Any = None,
-) -> Fit:
+# Training queues a step before it waits for the one before: three steps queued that way reach
+# the pattern training then repeats (two in flight), from a start with no optimizer state.
+TRIAL_STEPS = 3
+
+
+def fit_memory(run: TrainingRun) -> Fit:
     """Choose how many blocks recompute their activations (train.grad_checkpoint: auto: the
     fewest that fit; a number: that many) and fail before step 1, with what to change, if a
     step on the longest batch does not fit in train.memory_limit_gb (null: the GPU's memory or
-    the free RAM). Leaves that many blocks checkpointed on `model`, and calls `compile_step()`
-    (which compiles the training step afresh for the blocks `model` has now) last, so that
-    training traces its own step.
+    the free RAM). Leaves that many blocks checkpointed on the run's model, compiled afresh so
+    that training traces its own step.
 
-    Each trial is two training steps on the batch with the most tokens (without the update),
-    queued as training queues them, under the allocator limit training runs with: on a GPU the
-    host queues work ahead, and a buffer is freed only when the work that reads it has run, so
-    without a limit a step's peak is nearly everything it allocates, whatever recomputes. auto
+    Each trial is training's own first steps on the batch with the most tokens, update and
+    optimizer state included, then undone (`trial_peak`): whatever the optimizer, the
+    fine-tuning type and the accumulation, the trial allocates what training allocates. auto
     tries no blocks, then all, then searches between."""
     from lorapipe.fast import checkpoint_blocks
 
+    model, batches, train, world = run.model, run.train_batches, run.train, run.world
+    ranks = world.size()
     if train.memory_limit_gb is not None:
         limit, source = int(train.memory_limit_gb * 1e9), "train.memory_limit_gb"
     else:
         limit, source = memory_available()
-        if world is not None and world.size() > 1:  # one limit, so one decision, for all
+        if ranks > 1:  # one limit, so one decision, for all
             import mlx.core as mx
 
             limit = int(mx.distributed.all_min(mx.array(float(limit)), group=world).item())
-    optimizer_state = 2 * 4 * trainable  # Adam's two fp32 moments per trainable parameter
-    # Training caps MLX's allocator at the limit, with the optimizer's state in it; the trial,
-    # which has no optimizer state yet, runs under what is left.
-    if train.memory_limit_gb is None:
-        allocator = None
-    else:
-        allocator = max(allocator_bytes(train.memory_limit_gb) - optimizer_state, 1)
     # (this process's share of) the batch with the most tokens
     largest = max(range(len(batches)), key=lambda i: batches.tokens[i].size)
-    arrays = batches.arrays(largest)
     shape = "x".join(map(str, batches.tokens[largest].shape))
     total = len(model.layers)
-    raise_limit = ", or raise it if the machine has more" if allocator is not None else ""
-
-    def need(blocks: int) -> int | None:
-        """A step's bytes with `blocks` blocks recomputing, the most any process needs (so
-        that every process takes the same decisions); None: an allocator ran out."""
-        checkpoint_blocks(model, blocks)
-        peak = trial_peak(compile_step(), arrays, allocator)
-        if world is not None and world.size() > 1:
-            import mlx.core as mx
-
-            ran_out = mx.array(float("inf") if peak is None else float(peak))
-            most = float(mx.distributed.all_max(ran_out, group=world).item())
-            peak = None if most == float("inf") else int(most)
-        return None if peak is None else peak + optimizer_state
+    raise_limit = ", or raise it if the machine has more" if train.memory_limit_gb else ""
 
     def too_much(needed: int | None, blocks: int, advice: str) -> OutOfMemory:
         recompute = "" if blocks == 0 else f" with {blocks} of {total} blocks recomputing"
@@ -134,18 +112,33 @@ def fit_memory(
             f"the {limit / 1e9:.2f} GB of {source}; {advice}{raise_limit}"
         )
 
+    def need(blocks: int) -> int | None:
+        """A step's bytes with `blocks` blocks recomputing, the most any process needs (so
+        that every process takes the same decisions); None: an allocator ran out."""
+        checkpoint_blocks(model, blocks)
+        run.recompile()
+        peak = trial_peak(run, largest, train.memory_limit_gb)
+        if ranks > 1:
+            import mlx.core as mx
+
+            if peak is None:
+                # The others wait in this step's collective for this process, which cannot
+                # reach it: end here (mlx.launch then stops them), saying what to set.
+                more = "set train.grad_checkpoint to more blocks, or "
+                raise too_much(None, blocks, more + ADVICE)
+            peak = int(mx.distributed.all_max(mx.array(float(peak)), group=world).item())
+        return peak
+
     if train.grad_checkpoint != "auto":
         blocks = total if train.grad_checkpoint == -1 else min(train.grad_checkpoint, total)
         needed = need(blocks)
         if needed is None or needed > limit:
             more = "" if blocks == total else "set train.grad_checkpoint: auto, or "
             raise too_much(needed, blocks, more + ADVICE)
-        compile_step()
         return Fit(blocks, needed, limit, source)
 
     plain = need(0)
     if plain is not None and plain <= limit:
-        compile_step()
         return Fit(0, plain, limit, source)
     every = need(total)
     if every is None or every > limit:
@@ -172,33 +165,34 @@ def fit_memory(
         else:
             guess = (fails + fits) // 2
     checkpoint_blocks(model, fits)
-    compile_step()
+    run.recompile()
     return Fit(fits, fitting, limit, source)
 
 
-def trial_peak(step: Any, arrays: tuple[Any, ...], allocator_limit: int | None) -> int | None:
-    """Peak bytes of training's compiled `step` on `arrays` without the update, queued twice
-    back to back as training queues its steps, under MLX's allocator limit `allocator_limit`
-    (None: MLX's default); None where the allocator ran out. Training's own step, not a bare
-    forward and backward pass: compiled with the optimizer's state, it peaks higher."""
+def trial_peak(run: TrainingRun, batch: int, gigabytes: float | None) -> int | None:
+    """Peak bytes of TRIAL_STEPS of training's own steps on `batch`, queued as training queues
+    them, under the allocator limit training runs with (`memory_limit(gigabytes)`), then
+    undone (`TrainingRun.rewound`); None where the allocator ran out. The peak counts the
+    optimizer's state and the update's temporaries, and the arrays kept to undo the steps
+    (one more copy of the trainable arrays and their state than training holds: a little
+    more than it needs, never less)."""
     import mlx.core as mx
 
-    previous = mx.set_memory_limit(allocator_limit) if allocator_limit is not None else None
     try:
-        mx.reset_peak_memory()
-        first = step(*arrays, None, False)  # compiles first
-        mx.async_eval(first)
-        second = step(*arrays, None, False)
-        mx.eval(first, second)
-        del first, second
-        return int(mx.get_peak_memory())
+        with run.rewound(), memory_limit(gigabytes):
+            mx.reset_peak_memory()
+            queued = run.launch(0, None, batch)
+            for number in range(1, TRIAL_STEPS):
+                following = run.launch(number, queued.accumulated, batch)
+                queued.loss.item()  # training waits for a step before it queues the next
+                queued = following
+            mx.eval(run.compiled_state, queued.loss)
+            return int(mx.get_peak_memory())
     except (RuntimeError, MemoryError) as exc:
         if not is_out_of_memory(exc):
             raise
         return None
     finally:
-        if previous is not None:
-            mx.set_memory_limit(previous)
         mx.reset_peak_memory()
         mx.clear_cache()
 

@@ -13,7 +13,8 @@ import hashlib
 import math
 import signal
 import time
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -300,12 +301,36 @@ class TrainingRun:
         self.step = self._compile_step()
         return self.step
 
-    def launch(self, number: int, previous: Any) -> Queued:
-        """Queue step `number` (0-based) on the device and return at once."""
+    @contextmanager
+    def rewound(self) -> Iterator[None]:
+        """Steps taken inside are undone on leaving: the trainable arrays, the optimizer's
+        state and the layout's arrays are put back as they were (memory trials run training's
+        own steps, update included). Arrays are immutable, so keeping the old ones costs no
+        copy; the step is compiled afresh, for the optimizer's state as it is again."""
+        from mlx.utils import tree_map
+
+        def same(tree: Any) -> Any:
+            return tree_map(lambda leaf: leaf, tree)
+
+        trainable, optimizer = same(self.model.trainable_parameters()), same(self.optimizer.state)
+        layout = dict(self.layout.state)
+        try:
+            yield
+        finally:
+            self.model.update(trainable)
+            self.optimizer.state = optimizer  # (a fresh optimizer initializes itself again)
+            self.layout.state.clear()
+            self.layout.state.update(layout)
+            self.recompile()
+
+    def launch(self, number: int, previous: Any, batch: int | None = None) -> Queued:
+        """Queue step `number` (0-based) on the device and return at once (on `batch` rather
+        than the step's own batch: memory trials)."""
         import mlx.core as mx
 
         epoch, position = divmod(number, len(self.train_batches))
         index = int(batch_order(self.seed, epoch, len(self.train_batches))[position])
+        index = index if batch is None else batch
         # Random draws (dropout) depend on (seed, step) only: a resumed run draws the same.
         mx.random.seed(step_seed(self.seed, number))
         update = (number + 1) % self.schedule.accumulate == 0

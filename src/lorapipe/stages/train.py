@@ -168,7 +168,7 @@ def main(params: Params) -> None:
     )
     try:
         with fast_training(model):  # measure the step training will run
-            fit = fit_memory(model, train_batches, train, trainable, run.recompile, world)
+            fit = fit_memory(run)
         tracker.say(
             f"memory: {fit.blocks} of {len(model.layers)} blocks recompute their activations "
             f"(train.grad_checkpoint: {train.grad_checkpoint}); a step on the longest batch "
