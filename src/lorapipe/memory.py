@@ -24,7 +24,7 @@ ADVICE = "lower train.batch_size or train.max_seq_length (with sanitize.max_toke
 # MLX's allocator limit is soft: past it, MLX waits for queued work to finish before the next
 # allocation, then makes that allocation whatever it frees, so the peak passes the limit. The
 # allocator is capped this much below train.memory_limit_gb; measured, that keeps the peak under
-# it on the CPU, while training at SmolLM2-1.7B's shape on an H200 still passed it by 2-3%.
+# it on the CPU, while training at SmolLM2-1.7B's shape on an H200 still passed it by 2-4%.
 ALLOCATOR_SHARE = 0.98
 
 
