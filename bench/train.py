@@ -504,6 +504,7 @@ class Step:
     swiglu: bool = True  # fast.swiglu_keeping_inputs; False: mlx-lm's swiglu, autodiff's backward
     vector: bool = True  # fast.OneVector: the optimizer over one vector; False: array by array
     chunked: bool = True  # loss.chunked_cross_entropy over LOSS_CHUNK positions; False: all logits
+    mlp: bool = True  # fast.swiglu_mlps: down_proj's backward recomputes swiglu's output
 
 
 # "before": train_loop as committed before the speed work (isfinite over every gradient,
@@ -511,7 +512,13 @@ class Step:
 # The others switch one lever of "after" off (or on, for checkpointing).
 VARIANTS: dict[str, Step] = {
     "before": Step(
-        guard="every", lora="fp32", pipelined=False, swiglu=False, vector=False, chunked=False
+        guard="every",
+        lora="fp32",
+        pipelined=False,
+        swiglu=False,
+        vector=False,
+        chunked=False,
+        mlp=False,
     ),
     "after": Step(),
     "after, optimizer array by array": Step(vector=False),
@@ -523,6 +530,7 @@ VARIANTS: dict[str, Step] = {
     "after, gradient checkpointing": Step(checkpoint=True),
     "after, memory limit": Step(memory_limit=True),
     "after, whole logits": Step(chunked=False),
+    "after, MLP keeps swiglu's output": Step(mlp=False),
 }
 # The limit MLX's allocator is asked to keep to (it then waits for queued work to finish
 # before allocating more): PyTorch + PEFT + torch.compile's peak on the H200 (2026-11-21).
@@ -554,6 +562,7 @@ def build_step(
         fast_training,
         lora_in_compute_dtype,
         swiglu_keeping_inputs,
+        swiglu_mlps,
     )
     from lorapipe.loss import masked_loss
     from lorapipe.trainer import attach_adapters, make_optimizer, step_seed
@@ -629,6 +638,8 @@ def build_step(
         stack.enter_context(lora_in_compute_dtype(model))
     if v.swiglu:
         stack.enter_context(swiglu_keeping_inputs())
+    if v.mlp and v.lora == "compute":  # needs the bfloat16 LoRA layers
+        stack.enter_context(swiglu_mlps(model))
     if v.memory_limit:
         previous = mx.set_memory_limit(int(MEMORY_LIMIT_GB[shape] * 1e9))
         stack.callback(mx.set_memory_limit, previous)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,121 @@ def test_float32_models_are_left_exactly_as_they_were(tiny_model_dir: Path) -> N
     fast_loss, fast = loss_and_grads(model, fast=True)
     assert fast_loss == plain_loss
     assert all(mx.array_equal(g, plain[n]).item() for n, g in fast.items())
+
+
+def test_mlps_recomputing_swiglu_give_autodiff_s_gradients_and_are_put_back(
+    tiny_model_dir: Path,
+) -> None:
+    """down_proj(swiglu(gate, up)) with a LoRA down_proj, its backward pass written by hand:
+    in float32 the formula is autodiff's to rounding; on the bfloat16 model the forward pass is
+    the same and the gradients as close to float32's as the plain bfloat16 step's."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from lorapipe.fast import (
+        _down_of_swiglu,
+        lora_in_compute_dtype,
+        swiglu_keeping_inputs,
+        swiglu_mlps,
+    )
+    from lorapipe.loss import masked_loss
+
+    mx.random.seed(4)
+    gate, up = (2 * mx.random.normal((2, 8, 48)) for _ in range(2))
+    weight, a, b = mx.random.normal((16, 48)), mx.random.normal((48, 4)), mx.random.normal((4, 16))
+    mix = mx.random.normal((2, 8, 16))
+
+    def plain(g: Any, u: Any, w: Any, a_: Any, b_: Any) -> Any:
+        h = nn.silu(g) * u
+        return ((h @ w.T + 2.0 * (h @ a_) @ b_) * mix).sum()
+
+    def ours(g: Any, u: Any, w: Any, a_: Any, b_: Any) -> Any:
+        return (_down_of_swiglu(2.0)(g, u, w, a_, b_) * mix).sum()
+
+    arguments = (gate, up, weight, a, b)
+    expected = mx.grad(plain, argnums=(0, 1, 3, 4))(*arguments)
+    got = mx.grad(ours, argnums=(0, 1, 3, 4))(*arguments)
+    assert all(relative_error(x, y) < 1e-5 for x, y in zip(got, expected, strict=True))
+
+    _, reference = loss_and_grads(lora_model(tiny_model_dir, "float32"), fast=False)
+    model = lora_model(tiny_model_dir, "bfloat16")
+    mx.random.seed(5)
+    tokens = mx.random.randint(3, model.args.vocab_size, (2, 33))
+
+    def step(recompute: bool) -> tuple[float, dict[str, Any]]:
+        loss_and_grad = nn.value_and_grad(model, masked_loss)
+        with lora_in_compute_dtype(model), swiglu_keeping_inputs():
+            if not recompute:
+                (loss, _), grad = loss_and_grad(model, tokens, mx.ones((2, 33)))
+            else:
+                plain_classes = {type(m) for _, m in model.named_modules()}
+                with swiglu_mlps(model) as changed:
+                    assert changed == 2  # the tiny llama's two blocks
+                    (loss, _), grad = loss_and_grad(model, tokens, mx.ones((2, 33)))
+                assert {type(m) for _, m in model.named_modules()} == plain_classes
+        mx.eval(loss, grad)
+        return float(loss.item()), dict(tree_flatten(grad))
+
+    plain_loss, plain_grads = step(recompute=False)
+    fast_loss, fast_grads = step(recompute=True)
+    assert fast_loss == plain_loss
+    for name, g in fast_grads.items():
+        plain_error = relative_error(plain_grads[name], reference[name])
+        assert relative_error(g, reference[name]) <= 2 * plain_error + 1e-3, name
+    # the rewrite did run: down_proj's A gradients are not the plain step's bit for bit
+    downs = [n for n in fast_grads if "down_proj.lora_a" in n]
+    assert any(not mx.array_equal(fast_grads[n], plain_grads[n]).item() for n in downs)
+
+
+def test_a_compiled_step_keeps_no_swiglu_output_when_mlps_recompute_it() -> None:
+    """What the rewrite is for: a compiled bfloat16 step's peak falls by about the swiglu
+    outputs it no longer keeps ([tokens x hidden] a block). Without `mx.depends` in its
+    backward, compilation merged the recomputation with the forward pass's and kept them."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx_lm.models.llama import Model, ModelArgs
+
+    from lorapipe.fast import lora_in_compute_dtype, swiglu_keeping_inputs, swiglu_mlps
+    from lorapipe.loss import masked_loss
+    from lorapipe.params import load_params
+    from lorapipe.trainer import attach_adapters
+
+    blocks, hidden, tokens = 4, 2048, (2, 129)
+    mx.random.seed(0)
+    model = Model(
+        ModelArgs(
+            model_type="llama",
+            hidden_size=128,
+            num_hidden_layers=blocks,
+            intermediate_size=hidden,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            rms_norm_eps=1e-5,
+            vocab_size=512,
+        )
+    )
+    model.set_dtype(mx.bfloat16)
+    attach_adapters(model, load_params(REPO / "params.yaml").lora)
+    mx.eval(model.parameters())
+    batch = mx.random.randint(1, 512, tokens)
+
+    def peak(recompute: bool) -> int:
+        with (
+            lora_in_compute_dtype(model),
+            swiglu_keeping_inputs(),
+            swiglu_mlps(model) if recompute else contextlib.nullcontext(),
+        ):
+            loss_and_grad = nn.value_and_grad(model, masked_loss)
+            step = mx.compile(lambda x, y: loss_and_grad(model, x, y))
+            mx.eval(step(batch, mx.ones(tokens)))  # compiles
+            mx.clear_cache()
+            mx.reset_peak_memory()
+            mx.eval(step(batch, mx.ones(tokens)))
+            return mx.get_peak_memory()
+
+    swiglu_outputs = blocks * tokens[0] * (tokens[1] - 1) * hidden * 2  # bytes, bfloat16
+    assert peak(recompute=False) - peak(recompute=True) >= 0.75 * swiglu_outputs
 
 
 def test_the_layers_are_restored_and_the_adapter_stays_plain_mlx_lm(tiny_model_dir: Path) -> None:
