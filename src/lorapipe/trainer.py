@@ -328,15 +328,15 @@ class TrainingRun:
         than the step's own batch: memory trials)."""
         import mlx.core as mx
 
-        epoch, position = divmod(number, len(self.train_batches))
-        index = int(batch_order(self.seed, epoch, len(self.train_batches))[position])
-        index = index if batch is None else batch
+        if batch is None:
+            epoch, position = divmod(number, len(self.train_batches))
+            batch = int(batch_order(self.seed, epoch, len(self.train_batches))[position])
         # Random draws (dropout) depend on (seed, step) only: a resumed run draws the same.
         mx.random.seed(step_seed(self.seed, number))
         update = (number + 1) % self.schedule.accumulate == 0
-        outputs = self.step(*self.train_batches.arrays(index), previous, update)
+        outputs = self.step(*self.train_batches.arrays(batch), previous, update)
         mx.async_eval(self.compiled_state, *(o for o in outputs if o is not None))
-        return Queued(index, *outputs)
+        return Queued(batch, *outputs)
 
     def finish(self, queued: Queued) -> None:
         """Wait for a queued step, stop on a non-finite loss or gradient, count it."""
