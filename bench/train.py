@@ -44,8 +44,9 @@ Cases besides `trainers`:
             e.g. "MLX_USE_CUDA_GRAPHS=0;MLX_MAX_OPS_PER_BUFFER=10").
   micro     the NaN guard alone and `mx.random.seed` alone.
 `--bundled-steps` runs lorapipe with MLX's bundled BLAS (LORAPIPE_BLAS=bundled) in a subprocess.
-On GPU, `--frameworks torch` times PyTorch + PEFT (`--torch-modes`: eager, torch.compile) on the
-same shapes, one subprocess per case. bench/README.md has the GPU recipe and the results.
+On GPU, `--frameworks torch` times PyTorch + PEFT (`--torch-modes`: torch-eager, torch-compile)
+and Unsloth (`unsloth`: its FastLanguageModel, fused LoRA kernels and chunked loss) on the same
+shapes, one subprocess per case. bench/README.md has the GPU recipe and the results.
 """
 
 from __future__ import annotations
@@ -953,58 +954,58 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
-def torch_worker(args: argparse.Namespace) -> None:
-    """One case in a fresh process: eager or torch.compile, one shape. Prints JSON."""
+def torch_llama(args: argparse.Namespace, device: str, dtype: Any) -> Any:
+    """The random-init llama of `args.shapes` (torch seed 0) that every PyTorch worker trains."""
     import torch
-    import torch.nn.functional as F
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    shape, compiled = args.shapes, args.worker == "torch-compile"
-    cuda = args.device == "gpu"
-    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", getattr(torch, args.dtype))
-    lora = bench_params(args, 1).lora
     torch.manual_seed(0)
-    fields = {k: v for k, v in {**COMMON, **SHAPES[shape]}.items() if k != "model_type"}
+    fields = {k: v for k, v in {**COMMON, **SHAPES[args.shapes]}.items() if k != "model_type"}
     config = LlamaConfig(**fields, max_position_embeddings=max(2048, args.seq + 1))
     config._attn_implementation = "sdpa"  # what MLX's fast attention does: fused SDPA
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=lora.rank,
-            lora_alpha=lora.scale * lora.rank,
-            lora_dropout=lora.dropout,
-            target_modules=list(LINEAR),
-            task_type="CAUSAL_LM",
-        ),
-    )
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=2e-3, weight_decay=0.0)
+        return LlamaForCausalLM(config).to(dtype)
 
-    def loss_fn(tokens: Any, mask: Any) -> Any:  # as masked_loss: bf16 logits, fp32 sum
-        logits = model(input_ids=tokens[:, :-1], use_cache=False).logits
-        ce = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
-        return (ce.float() * mask.flatten()).sum() / mask.sum()
 
-    fn = torch.compile(loss_fn) if compiled else loss_fn
+def torch_batches(args: argparse.Namespace, device: str) -> tuple[list[Any], Any]:
+    """DISTINCT_BATCHES rows of seq + 1 random tokens (never zeros) and the target mask (every
+    target learned). Their own generator: the same batches in every PyTorch worker, whatever its
+    model's set-up drew from torch's global one."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    shape = (args.batch, args.seq + 1)
     data = [
-        torch.randint(1, COMMON["vocab_size"], (args.batch, args.seq + 1), device=device)
+        torch.randint(1, COMMON["vocab_size"], shape, generator=generator).to(device)
         for _ in range(DISTINCT_BATCHES)
     ]
-    mask = torch.ones(args.batch, args.seq, device=device)
+    return data, torch.ones(args.batch, args.seq, device=device)
+
+
+def torch_train(args: argparse.Namespace, model: Any, loss_fn: Any, device: str) -> dict[str, Any]:
+    """The timed loop of every PyTorch worker: AdamW (lr 2e-3) on the trainable parameters,
+    `(warmup + windows) * report_every` steps of `loss_fn(tokens, mask)` on torch_batches, a
+    loss.item() per step; then --profile-steps more under the profiler. The result's fields."""
+    import torch
+
+    cuda = device == "cuda"
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=2e-3, weight_decay=0.0)
+    data, mask = torch_batches(args, device)
+
+    def step(i: int) -> float:
+        loss = loss_fn(data[i % DISTINCT_BATCHES], mask)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.item())  # a sync per step, as the MLX trainers' mx.eval
+
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     marks, losses = [time.perf_counter()], []
     for i in range((args.warmup + args.windows) * args.report_every):
-        loss = fn(data[i % DISTINCT_BATCHES], mask)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())  # a sync per step, as the MLX trainers' mx.eval
+        losses.append(step(i))
         if (i + 1) % args.report_every == 0:
             marks.append(time.perf_counter())
     result = windows_from_marks(marks, args.warmup, args.report_every, args.batch * args.seq)
@@ -1018,11 +1019,7 @@ def torch_worker(args: argparse.Namespace) -> None:
         tic = time.perf_counter()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for i in range(args.profile_steps):
-                loss = fn(data[i % DISTINCT_BATCHES], mask)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                loss.item()
+                step(i)
         wall = (time.perf_counter() - tic) / args.profile_steps * 1e3
         result["profile"] = {"wall_ms_per_step": wall, **kernel_summary(prof, args.profile_steps)}
     result.update(
@@ -1030,9 +1027,161 @@ def torch_worker(args: argparse.Namespace) -> None:
         losses=losses[:: args.report_every],
         params=sum(p.numel() for p in model.parameters()),
         trainable=sum(p.numel() for p in trainable),
-        attention=model.config._attn_implementation,
         adapter_dtype=str(trainable[0].dtype),
     )
+    return result
+
+
+def torch_worker(args: argparse.Namespace) -> None:
+    """One case in a fresh process: eager or torch.compile, one shape. Prints JSON."""
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+
+    cuda = args.device == "gpu"
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", getattr(torch, args.dtype))
+    lora = bench_params(args, 1).lora
+    model = get_peft_model(
+        torch_llama(args, device, dtype),
+        LoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.scale * lora.rank,
+            lora_dropout=lora.dropout,
+            target_modules=list(LINEAR),
+            task_type="CAUSAL_LM",
+        ),
+    )
+    model.train()
+
+    def loss_fn(tokens: Any, mask: Any) -> Any:  # as masked_loss: bf16 logits, fp32 sum
+        logits = model(input_ids=tokens[:, :-1], use_cache=False).logits
+        ce = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+        return (ce.float() * mask.flatten()).sum() / mask.sum()
+
+    compiled = args.worker == "torch-compile"
+    result = torch_train(args, model, torch.compile(loss_fn) if compiled else loss_fn, device)
+    result["attention"] = model.config._attn_implementation
+    print(json.dumps(result))
+
+
+def unsloth_tokenizer(folder: Path) -> None:
+    """A WordLevel tokenizer of COMMON["vocab_size"] tokens, saved beside the model: Unsloth's
+    loader wants one, and this one needs no network. Its special tokens lie inside the vocab
+    and the pad token is not the EOS, so Unsloth adds no token (no embedding resize)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]  # ids 0-3
+    words = specials + [f"t{i}" for i in range(len(specials), COMMON["vocab_size"])]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token=words[0],
+        bos_token=words[1],  # LlamaConfig's default bos_token_id 1
+        eos_token=words[2],  # and eos_token_id 2
+        pad_token=words[3],
+        model_max_length=4096,
+    )
+    tokenizer.save_pretrained(folder)
+
+
+def unsloth_loss_check(
+    args: argparse.Namespace, model: Any, loss_fn: Any, device: str
+) -> dict[str, Any]:
+    """After the timed run: Unsloth's fused loss and masked_loss's arithmetic on the logits
+    Unsloth's forward returns without labels, on the first batch: they must agree."""
+    import torch
+    import torch.nn.functional as F
+
+    data, mask = torch_batches(args, device)
+    tokens = data[0]
+    with torch.no_grad():
+        fused = float(loss_fn(tokens, mask).item())
+        logits = model(input_ids=tokens[:, :-1], use_cache=False).logits
+        ce = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+        reference = float(((ce.float() * mask.flatten()).sum() / mask.sum()).item())
+    if abs(fused - reference) > 1e-2 * max(1.0, abs(reference)):
+        log(f"    unsloth: its loss {fused:.4f} is not masked_loss's {reference:.4f}")
+    return {"loss_check": {"unsloth": fused, "masked_loss": reference}}
+
+
+def unsloth_worker(args: argparse.Namespace) -> None:
+    """Unsloth (FastLanguageModel) on the GPU, one shape, in a fresh process. Prints JSON.
+
+    The same random-init model as torch_worker's, saved and loaded back through Unsloth's
+    loader in bf16 (no quantization), LoRA from params.yaml on the same layers without
+    gradient checkpointing, the same batches, optimizer and timed loop (torch_train)."""
+    with tempfile.TemporaryDirectory(prefix="bench-unsloth-") as tmp:
+        # Offline (Unsloth's usage statistics download too), and its compiled modules in tmp,
+        # not in the current directory (a repository checkout). Unsloth patches transformers,
+        # peft and trl when it is imported, so it comes before them; and only here: the rest of
+        # this script runs without it.
+        for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "UNSLOTH_DISABLE_STATISTICS"):
+            os.environ.setdefault(key, "1")
+        os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(Path(tmp) / "compiled"))
+        import torch
+        import unsloth
+        from unsloth import FastLanguageModel
+        from unsloth.models import _utils as unsloth_utils
+
+        device = "cuda" if args.device == "gpu" else "cpu"
+        lora = bench_params(args, 1).lora
+        folder = Path(tmp) / "model"
+        model = torch_llama(args, device, torch.bfloat16)
+        model.config.pad_token_id = 3  # unsloth_tokenizer's pad token
+        model.save_pretrained(folder)
+        unsloth_tokenizer(folder)
+        del model
+        model, _ = FastLanguageModel.from_pretrained(
+            str(folder),
+            max_seq_length=args.seq + 1,
+            dtype=torch.bfloat16,
+            load_in_4bit=False,
+            load_in_8bit=False,
+            full_finetuning=False,
+            use_gradient_checkpointing=False,  # its default, "unsloth", arms checkpointing
+        )
+        # Unsloth's fused LoRA kernels need dropout 0 and no bias; lorapipe's default dropout
+        # (params.yaml lora.dropout) is 0.0 too, as torch_worker's PEFT LoRA has it.
+        model = FastLanguageModel.get_peft_model(
+            model,
+            r=lora.rank,
+            lora_alpha=lora.scale * lora.rank,
+            lora_dropout=0,
+            target_modules=list(LINEAR),
+            use_gradient_checkpointing=False,  # as the team measured Unsloth before
+            bias="none",
+            random_state=0,
+        )
+        model.train()
+
+        def loss_fn(tokens: Any, mask: Any) -> Any:
+            # Unsloth's own loss: given labels, its LlamaForCausalLM forward never makes the
+            # logits but runs unsloth_fused_ce_loss (lm_head and cross-entropy in chunks, fp32),
+            # the mean over the labels that are not -100: the mask's positions, as masked_loss.
+            # It reads shift_labels when given (labels only select that branch): targets already
+            # shifted (inputs tokens[:, :-1], targets tokens[:, 1:], as torch_worker's), so it
+            # does not shift them again. unsloth_loss_check compares it with masked_loss's.
+            targets = tokens[:, 1:].masked_fill(mask == 0, -100)
+            inputs = tokens[:, :-1]
+            return model(
+                input_ids=inputs, labels=targets, shift_labels=targets, use_cache=False
+            ).loss
+
+        result = torch_train(args, model, loss_fn, device)
+        result.update(unsloth_loss_check(args, model, loss_fn, device))
+        # (names that moved between Unsloth releases: absent means not in use)
+        flash = getattr(unsloth_utils, "HAS_FLASH_ATTENTION", False)
+        xformers = getattr(unsloth_utils, "HAS_XFORMERS", False)
+        result.update(
+            attention="flash_attention_2" if flash else "xformers" if xformers else "sdpa",
+            unsloth_version=unsloth.__version__,
+            weights_dtype=str(model.get_input_embeddings().weight.dtype),  # as loaded
+            gradient_checkpointing=any(
+                getattr(m, "gradient_checkpointing", False) is True for m in model.modules()
+            ),
+        )
     print(json.dumps(result))
 
 
@@ -1067,7 +1216,8 @@ def torch_case(args: argparse.Namespace, shape: str) -> dict[str, Any]:
             log(f"    failed:\n{done.stderr[-3000:]}")
             out[mode] = {"error": done.stderr[-3000:]}
             continue
-        r = json.loads(done.stdout.splitlines()[-1])
+        # The worker's result is its last JSON line (Unsloth prints its banners to stdout too).
+        r = json.loads([ln for ln in done.stdout.splitlines() if ln.startswith("{")][-1])
         r["tokens_per_s_median"] = statistics.median(r["tokens_per_s"])
         r["mfu"] = mfu(r["params"], r["tokens_per_s_median"])
         out[mode] = r
@@ -1167,14 +1317,14 @@ def summary_table(report: dict[str, Any]) -> str:
             entries.append(
                 (name, s["tokens_per_s"], spread, s["peak_memory_gb"], trainers["params"])
             )
-        for mode in ("torch-eager", "torch-compile"):
+        for mode in ("torch-eager", "torch-compile", "unsloth"):
             r = cases.get("torch", {}).get(mode, {})
             if "tokens_per_s" in r:
                 t = r["tokens_per_s_median"]
                 spread = f"{t:,.0f} ({min(r['tokens_per_s']):,.0f}-{max(r['tokens_per_s']):,.0f})"
                 entries.append(
                     (
-                        mode.replace("torch-", "PyTorch+PEFT "),
+                        "Unsloth" if mode == "unsloth" else mode.replace("torch-", "PyTorch+PEFT "),
                         t,
                         spread,
                         r["peak_memory_gb"],
@@ -1256,7 +1406,11 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, help="profiled steps per variant; 0: off")
     parser.add_argument("--env-sweep", default="", help="env case: settings separated by ';'")
     parser.add_argument("--env-variants", default="after", help="env case: ablation variants")
-    parser.add_argument("--torch-modes", default="torch-eager,torch-compile")
+    parser.add_argument(
+        "--torch-modes",
+        default="torch-eager,torch-compile",
+        help="PyTorch cases: torch-eager, torch-compile, unsloth (needs unsloth installed)",
+    )
     parser.add_argument(
         "--torch-python",
         help="the Python with torch, transformers and peft that runs the PyTorch cases (e.g. a "
@@ -1292,6 +1446,9 @@ def main() -> None:
         return
     if args.worker in ("torch-eager", "torch-compile"):
         torch_worker(args)
+        return
+    if args.worker == "unsloth":
+        unsloth_worker(args)
         return
     frameworks = args.frameworks.split(",")
     if "mlx" in frameworks:
