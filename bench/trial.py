@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import sys
 import tempfile
@@ -25,20 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lorapipe import runtime
-
-
-def bench_train() -> Any:
-    """bench/train.py as a module: the model, batches and params that it times."""
-    spec = importlib.util.spec_from_file_location(
-        "bench_train", Path(__file__).with_name("train.py")
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_train"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
+from parallel import bench_train
 
 bench = bench_train()
 

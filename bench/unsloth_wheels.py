@@ -1,5 +1,5 @@
 """Unsloth's wheels for `bench/train.py --torch-modes unsloth` on an offline GPU box, small
-enough to carry (12.6 MiB instead of 77 MB).
+enough to carry (10.2 MiB instead of 77 MB).
 
 The box has Python 3.12, torch 2.11.0+cu130 (triton 3.6.0), transformers 5.17.0, peft 0.21.0
 and their usual dependencies, and no network. This script takes the wheels PyPI gives
