@@ -13,6 +13,9 @@ loss+lorapipe   what the eval stage ran before: the test loss in its own pass ov
                 `generate_batch` without references.
 lorapipe        `lorapipe.decode.generate_batch` without references: plain batched decoding with
                 `eval.batch_size` prompts at a time (what the eval stage ran before, loss aside).
+eval-mlx-exp,   the same two with MLX's own exp (LORAPIPE_CPU_EXP=mlx): on an x86-64 CPU the
+lorapipe-mlx-exp  others compute exp as a power of two in swiglu, attention and the loss, as
+                the eval stage does (`lorapipe.cpu_exp`); elsewhere they are the same.
 batch_generate  `mlx_lm.generate.batch_generate` with `eval.batch_size` prompts at a time (mlx-lm's
                 default of 8 at a time for prefill), as the eval stage called it at first.
 one-by-one      `mlx_lm.generate.stream_generate` on each prompt in turn (what a loop over
@@ -196,6 +199,7 @@ def main() -> None:
     runtime.setup()
     import mlx.core as mx
 
+    from lorapipe import cpu_exp
     from lorapipe.params import load_params
 
     params = load_params(ROOT / "params.yaml")
@@ -205,19 +209,40 @@ def main() -> None:
     rows, prompts, budgets = workload(
         tokenizer, Path(args.test_split or split), args.prompts or count
     )
+
+    def ours(run: Any, exp: Any = cpu_exp.installed) -> Any:
+        """lorapipe's modes run with its exp, as the eval stage does; mlx-lm's without."""
+
+        def with_exp() -> Any:
+            with exp():
+                return run()
+
+        return with_exp
+
+    def evaluation() -> Any:
+        return lorapipe_decode(model, tokenizer, prompts, budgets, size, rows)
+
+    def decoding() -> Any:
+        return lorapipe_decode(model, tokenizer, prompts, budgets, size)
+
     modes = {
-        "eval": lambda: lorapipe_decode(model, tokenizer, prompts, budgets, size, rows),
-        "loss+lorapipe": lambda: loss_then_decode(
-            model, tokenizer, prompts, budgets, size, rows, params.train.batch_size
+        "eval": ours(evaluation),
+        "loss+lorapipe": ours(
+            lambda: loss_then_decode(
+                model, tokenizer, prompts, budgets, size, rows, params.train.batch_size
+            )
         ),
-        "lorapipe": lambda: lorapipe_decode(model, tokenizer, prompts, budgets, size),
+        "lorapipe": ours(decoding),
+        "eval-mlx-exp": ours(evaluation, cpu_exp.mlx_exp),
+        "lorapipe-mlx-exp": ours(decoding, cpu_exp.mlx_exp),
         "batch_generate": lambda: batched(
             model, tokenizer, prompts, budgets, size, args.prefill_batch_size
         ),
         "one-by-one": lambda: one_by_one(model, tokenizer, prompts, budgets),
     }
     modes = {name: modes[name] for name in args.modes.split(",")}
-    lorapipe_decode(model, tokenizer, prompts[:4], budgets[:4], size)  # warm-up: kernels, caches
+    with cpu_exp.installed():  # warm-up: kernels, caches
+        lorapipe_decode(model, tokenizer, prompts[:4], budgets[:4], size)
     batched(model, tokenizer, prompts[:4], budgets[:4], size)
 
     runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}

@@ -17,7 +17,8 @@ Both MLX trainers run themselves, with the same model, batches, LoRA layers and 
             (lengths (0, T): the same target mask as lorapipe's) by an `iterate_batches`.
 
 `--trainers` picks among lorapipe, lorapipe_no_clip (max_grad_norm off: mlx-lm's and PEFT's
-arithmetic), lorapipe_memory_limit (train.memory_limit_gb = MEMORY_LIMIT_GB[shape]),
+arithmetic), lorapipe_mlx_exp (MLX's own exp on an x86-64 CPU, not lorapipe.cpu_exp's),
+lorapipe_memory_limit (train.memory_limit_gb = MEMORY_LIMIT_GB[shape]),
 lorapipe_matched (that limit and train.grad_checkpoint = CHECKPOINT_BLOCKS[shape]: the setting
 that keeps to PyTorch's memory), mlx_lm (as mlx_lm.lora runs it: buffer cache emptied every
 step) and mlx_lm_keep_cache.
@@ -260,9 +261,11 @@ def run_lorapipe(
     memory_limit: bool = False,
     checkpoint: bool = False,
     target_gb: float | None = None,
+    mlx_exp: bool = False,
 ) -> dict[str, Any]:
     import mlx.core as mx
 
+    from lorapipe import cpu_exp
     from lorapipe.fast import fast_training
     from lorapipe.memory import fit_memory
     from lorapipe.tracking import Recorder
@@ -285,7 +288,10 @@ def run_lorapipe(
     attach_adapters(model, params.lora)
     free_mlx()
     recorder = Recorder()
-    with tempfile.TemporaryDirectory() as tmp:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        cpu_exp.mlx_exp() if mlx_exp else contextlib.nullcontext(),
+    ):
         run = TrainingRun.fresh(model, train, params.seed, batches, total, Path(tmp), recorder)
         started = time.perf_counter()
         with fast_training(model):  # as the stage does: the blocks that recompute, checked
@@ -397,6 +403,8 @@ def trainers_case(args: argparse.Namespace, shape: str) -> dict[str, Any]:
     known: dict[str, Any] = {
         "lorapipe": run_lorapipe,  # params.yaml's train settings, gradient clipping included
         "lorapipe_no_clip": partial(run_lorapipe, clip=False),
+        # MLX's own exp on an x86-64 CPU (LORAPIPE_CPU_EXP=mlx), not lorapipe.cpu_exp's
+        "lorapipe_mlx_exp": partial(run_lorapipe, mlx_exp=True),
         # train.memory_limit_gb set to MEMORY_LIMIT_GB[shape]
         "lorapipe_memory_limit": partial(run_lorapipe, memory_limit=True),
         # and train.grad_checkpoint set to CHECKPOINT_BLOCKS[shape]
@@ -506,6 +514,7 @@ class Step:
     vector: bool = True  # fast.OneVector: the optimizer over one vector; False: array by array
     chunked: bool = True  # loss.chunked_cross_entropy over LOSS_CHUNK positions; False: all logits
     mlp: bool = True  # fast.swiglu_mlps: down_proj's backward recomputes swiglu's output
+    cpu_exp: bool = True  # lorapipe.cpu_exp: exp as a power of two (float32, x86-64 CPU)
 
 
 # "before": train_loop as committed before the speed work (isfinite over every gradient,
@@ -520,6 +529,7 @@ VARIANTS: dict[str, Step] = {
         vector=False,
         chunked=False,
         mlp=False,
+        cpu_exp=False,
     ),
     "after": Step(),
     "after, optimizer array by array": Step(vector=False),
@@ -532,6 +542,7 @@ VARIANTS: dict[str, Step] = {
     "after, memory limit": Step(memory_limit=True),
     "after, whole logits": Step(chunked=False),
     "after, MLP keeps swiglu's output": Step(mlp=False),
+    "after, MLX's exp": Step(cpu_exp=False),
 }
 # The limit MLX's allocator is asked to keep to (it then waits for queued work to finish
 # before allocating more): PyTorch + PEFT + torch.compile's peak on the H200 (2026-11-21).
@@ -556,6 +567,7 @@ def build_step(
     from mlx.utils import tree_flatten
     from mlx_lm.tuner.trainer import default_loss
 
+    from lorapipe import cpu_exp
     from lorapipe.fast import (
         ArrayByArray,
         OneVector,
@@ -630,6 +642,8 @@ def build_step(
         return model, run_mlx_lm
 
     v = VARIANTS[kind]
+    # first, as fast_training enters it
+    stack.enter_context(cpu_exp.installed() if v.cpu_exp else cpu_exp.mlx_exp())
     if not v.chunked:
         from lorapipe import loss
 

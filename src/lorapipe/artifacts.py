@@ -69,8 +69,11 @@ def load_model(paths: PathsParams, name: str) -> tuple[Any, Any]:
 
 
 def load_folder(model_dir: Path, adapters: Path | None = None) -> tuple[Any, Any]:
-    """An mlx-lm model folder (with an adapter on top) as a model and tokenizer for inference."""
+    """An mlx-lm model folder (with an adapter on top) as a model and tokenizer for inference
+    (on an x86-64 CPU with lorapipe's exp: `cpu_exp`)."""
     from mlx_lm import load
+
+    from lorapipe import cpu_exp
 
     try:
         model, tokenizer = load(str(model_dir), adapter_path=str(adapters) if adapters else None)[
@@ -84,6 +87,7 @@ def load_folder(model_dir: Path, adapters: Path | None = None) -> tuple[Any, Any
             ) from exc
         raise
     model.eval()
+    cpu_exp.install()
     return cpu_friendly(model), tokenizer
 
 

@@ -26,7 +26,8 @@ are here.
   cotangent exists (`mx.depends`): a compiled step merges identical computations, and would
   otherwise keep the forward pass's copy. Measured on the CPU (bench/README.md): a compiled
   bfloat16 step's peak 34% lower than with neither rewrite fixed, at the same speed (bfloat16 only).
-- `fast_training`: these rewrites together, what the training loop runs inside.
+- `fast_training`: these rewrites together, and `lorapipe.cpu_exp`'s exp for float32 models on
+  an x86-64 CPU, what the training loop runs inside.
 - `OneVector`: the optimizer over one float32 vector holding every trainable array (the model's
   arrays are views into it) instead of array by array: on a GPU, hundreds of small adapter
   arrays otherwise cost thousands of tiny kernels a step. `ArrayByArray` is mlx's own way: on
@@ -284,8 +285,16 @@ def swiglu_mlps(model: Any) -> Iterator[int]:
 def fast_training(model: Any) -> Iterator[None]:
     """The training step's rewrites that keep its maths: LoRA branch in bfloat16 through one
     accumulate product, swiglu keeping only its inputs, MLPs recomputing swiglu's output. They
-    leave float32 models alone."""
-    with lora_in_compute_dtype(model), swiglu_keeping_inputs(), swiglu_mlps(model):
+    leave float32 models alone; on an x86-64 CPU, float32 models compute exp as a power of two
+    (`cpu_exp`; first, so that the bfloat16 swiglu falls back to it)."""
+    from lorapipe import cpu_exp
+
+    with (
+        cpu_exp.installed(),
+        lora_in_compute_dtype(model),
+        swiglu_keeping_inputs(),
+        swiglu_mlps(model),
+    ):
         yield
 
 

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from lorapipe import cpu_exp
+
 # Learned positions whose logits may exist at once in the training loss (~200 MB of float32
 # logits at SmolLM2's 49,152 words); a batch with more runs the cross-entropy by chunks.
 LOSS_CHUNK = 1024
@@ -97,7 +99,7 @@ def chunked_cross_entropy(head: Any, hidden: Any, labels: Any, gradient: bool = 
             chunk = mx.depends(hidden[s:e], losses[-1:]) if losses else hidden[s:e]
             logits = head(chunk).astype(mx.float32)
             picked = mx.take_along_axis(logits, labels[s:e, None], axis=-1)[:, 0]
-            losses.append(mx.logsumexp(logits, axis=-1) - picked)
+            losses.append(cpu_exp.logsumexp(logits) - picked)
         return mx.concatenate(losses)
 
     @mx.custom_function
@@ -109,11 +111,11 @@ def chunked_cross_entropy(head: Any, hidden: Any, labels: Any, gradient: bool = 
             if grads:  # after the previous chunk is done (else MLX may run them in any order)
                 chunk = mx.depends(chunk, [losses[-1], grads[-1]])
             logits = head(chunk)
-            lse = mx.logsumexp(logits.astype(mx.float32), axis=-1, keepdims=True)
+            lse = cpu_exp.logsumexp(logits.astype(mx.float32), keepdims=True)
             picked = mx.take_along_axis(logits, ids[:, None], axis=-1).astype(mx.float32)
             losses.append((lse - picked)[:, 0])
             hot = mx.arange(logits.shape[-1])[None, :] == ids[:, None]
-            slope = (mx.exp(logits.astype(mx.float32) - lse) - hot).astype(logits.dtype)
+            slope = (cpu_exp.exp(logits.astype(mx.float32) - lse) - hot).astype(logits.dtype)
             grads.append(mx.vjp(head, [chunk], [slope])[1][0])
         return mx.concatenate(losses), mx.stop_gradient(mx.concatenate(grads))
 
@@ -134,7 +136,6 @@ def masked_loss(
     only: the same loss without the logits nothing reads. Over LOSS_CHUNK such positions, by
     chunks (chunked_cross_entropy; `gradient=False` where nothing differentiates the loss)."""
     import mlx.core as mx
-    import mlx.nn as nn
 
     inputs, labels, mask = tokens[:, :-1], tokens[:, 1:], targets[:, 1:]
     count = positions.size if positions is not None else labels.size
@@ -154,7 +155,7 @@ def masked_loss(
             logits = model(inputs)
         if logits.ndim == 2:  # gathered (else a model logits_at does not know: all of them)
             labels, mask = labels.reshape(-1)[positions], mask.reshape(-1)[positions]
-    ce = nn.losses.cross_entropy(logits, labels) * mask
+    ce = cpu_exp.cross_entropy(logits, labels) * mask
     count = mask.sum()
     return ce.astype(mx.float32).sum() / mx.maximum(count, 1), count
 

@@ -610,6 +610,8 @@ def describe() -> dict[str, str]:
     setup()
     import mlx.core as mx
 
+    from lorapipe import cpu_exp
+
     backend, distribution = _backend()
 
     def version(name: str) -> str:
@@ -626,6 +628,7 @@ def describe() -> dict[str, str]:
         "default device": str(mx.default_device()),
         "blas": str(blas_info()),
         ENV_VAR: os.environ.get(ENV_VAR) or "auto (unset)",
+        **({"exp": cpu_exp.describe()} if backend == "cpu" else {}),
         **({"kernel cache": os.environ["MLX_PTX_CACHE_DIR"]} if backend == "cuda" else {}),
         **{name: version(name) for name in ("mlx-lm", "dvc", "dvclive", "transformers", "numpy")},
         "lorapipe": version("lorapipe"),
