@@ -30,13 +30,14 @@ import platform
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 ENV_VAR = "LORAPIPE_CPU_EXP"
 LOG2E = 1.4426950408889634
 
 
 class _Switch:
+    # Measured on x86-64 only, where MLX's wheel has no FMA instruction to call.
     on = platform.machine().lower() in ("x86_64", "amd64") and os.environ.get(ENV_VAR) != "mlx"
 
 
@@ -53,7 +54,7 @@ def describe() -> str:
         return f"2^(x log2 e) in swiglu, attention and the loss ({ENV_VAR}=mlx: MLX's own)"
     if os.environ.get(ENV_VAR) == "mlx":
         return f"MLX's own ({ENV_VAR}=mlx)"
-    return f"MLX's own (fast on {platform.machine()})"
+    return f"MLX's own (lorapipe's is for x86-64, this is {platform.machine()})"
 
 
 @contextmanager
@@ -73,8 +74,15 @@ def exp(x: Any) -> Any:
     return mx.power(2.0, x * LOG2E) if applies(x) else mx.exp(x)
 
 
+class _PowersOfTwo(NamedTuple):
+    sigmoid: Any
+    softmax: Any  # over the last axis
+    logsumexp: Any  # over the last axis, kept
+    swiglu: Any
+
+
 @functools.cache
-def _fast() -> Any:
+def _fast() -> _PowersOfTwo:
     """The power-of-two versions (mx.custom_function: only their outputs are kept)."""
     import mlx.core as mx
 
@@ -111,7 +119,7 @@ def _fast() -> Any:
     # Compiled (per shape: custom functions cannot be traced shapeless) so that swiglu is one
     # pass over its inputs where the caller is not compiled itself (generation).
     swiglu = mx.compile(lambda gate, x: gate * sigmoid(gate) * x)
-    return sigmoid, softmax, logsumexp, swiglu
+    return _PowersOfTwo(sigmoid, softmax, logsumexp, swiglu)
 
 
 def logsumexp(x: Any, keepdims: bool = False) -> Any:
@@ -120,7 +128,7 @@ def logsumexp(x: Any, keepdims: bool = False) -> Any:
 
     if not applies(x):
         return mx.logsumexp(x, axis=-1, keepdims=keepdims)
-    out = _fast()[2](x)
+    out = _fast().logsumexp(x)
     return out if keepdims else out[..., 0]
 
 
@@ -138,7 +146,7 @@ def cross_entropy(logits: Any, targets: Any) -> Any:
 def swiglu(gate: Any, x: Any) -> Any:
     """mlx-lm's swiglu, silu(gate) * x."""
     if applies(gate):
-        return _fast()[3](gate, x)
+        return _fast().swiglu(gate, x)
     return _originals()[0](gate, x)
 
 
@@ -174,7 +182,7 @@ def attention(
         scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
     elif mask is not None:
         scores = scores + mask
-    out = _fast()[1](scores) @ values
+    out = _fast().softmax(scores) @ values
     return out.reshape(batch, heads, length, -1) if groups > 1 else out
 
 
