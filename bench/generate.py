@@ -210,14 +210,14 @@ def main() -> None:
         tokenizer, Path(args.test_split or split), args.prompts or count
     )
 
-    def ours(run: Any, exp: Any = cpu_exp.installed) -> Any:
-        """lorapipe's modes run with its exp, as the eval stage does; mlx-lm's without."""
+    def under(context: Any, run: Any) -> Any:
+        """lorapipe's modes run with its exp (as the eval stage does) or MLX's; mlx-lm's as is."""
 
-        def with_exp() -> Any:
-            with exp():
+        def wrapped() -> Any:
+            with context():
                 return run()
 
-        return with_exp
+        return wrapped
 
     def evaluation() -> Any:
         return lorapipe_decode(model, tokenizer, prompts, budgets, size, rows)
@@ -226,15 +226,16 @@ def main() -> None:
         return lorapipe_decode(model, tokenizer, prompts, budgets, size)
 
     modes = {
-        "eval": ours(evaluation),
-        "loss+lorapipe": ours(
+        "eval": under(cpu_exp.installed, evaluation),
+        "loss+lorapipe": under(
+            cpu_exp.installed,
             lambda: loss_then_decode(
                 model, tokenizer, prompts, budgets, size, rows, params.train.batch_size
-            )
+            ),
         ),
-        "lorapipe": ours(decoding),
-        "eval-mlx-exp": ours(evaluation, cpu_exp.mlx_exp),
-        "lorapipe-mlx-exp": ours(decoding, cpu_exp.mlx_exp),
+        "lorapipe": under(cpu_exp.installed, decoding),
+        "eval-mlx-exp": under(cpu_exp.mlx_exp, evaluation),
+        "lorapipe-mlx-exp": under(cpu_exp.mlx_exp, decoding),
         "batch_generate": lambda: batched(
             model, tokenizer, prompts, budgets, size, args.prefill_batch_size
         ),
