@@ -124,21 +124,3 @@ def test_a_process_that_ran_lanes_exits_cleanly() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == pytest.approx([2 * math.e * 4, 2 * math.e * 9], rel=1e-5)
-
-
-def test_lanes_decode_a_quantized_model_dequantized_lazily(tiny_model_dir: Path) -> None:
-    """The eval stage runs a 4-bit model on the CPU with its weights dequantized, lazily, on
-    the loading thread's stream: lanes (other threads) must get them computed first."""
-    import mlx.nn as nn
-    from mlx_lm.utils import load
-
-    from lorapipe.artifacts import cpu_friendly
-
-    model, tokenizer = load(str(tiny_model_dir))[:2]
-    nn.quantize(model, group_size=32, bits=4)
-    model = cpu_friendly(model)
-    prompts = [tokenizer.encode("the quick brown fox " * (1 + i))[: 3 + i] for i in range(6)]
-    tokenizer.eos_token_ids = {-1}
-    two = generate_batch(model, tokenizer, prompts, [4] * 6, batch_size=6, lanes=2)
-    one = generate_batch(model, tokenizer, prompts, [4] * 6, batch_size=6, lanes=1)
-    assert two.texts == one.texts and two.tokens == one.tokens == 24

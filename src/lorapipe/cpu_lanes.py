@@ -91,19 +91,6 @@ def _one_blas_thread(lanes: int) -> Iterator[None]:
             mx.synchronize()
 
 
-def settle(module: Any) -> None:
-    """Evaluate every array `module` holds (private ones too) on the calling thread's stream:
-    a lane cannot run work that another thread's stream was given, such as a weight computed
-    lazily (a dequantized layer), and would fail with "There is no Stream(cpu, 0) in current
-    thread"."""
-    import mlx.core as mx
-
-    every_array = module.filter_and_map(
-        lambda _m, _k, value: isinstance(value, (dict, list, mx.array))
-    )
-    mx.eval(every_array)
-
-
 def run(work: Callable[[Share], Result], shares: Sequence[Share]) -> list[Result]:
     """`work` on each share, one lane (thread) a share, each on its own MLX stream; the
     results in the shares' order. The first error a lane raised is raised here, once every

@@ -97,8 +97,6 @@ def generate_batch(
     # Every lane takes every lanes-th prompt by length: the same mix of lengths, and batches
     # of batch_size / lanes rows, so the lanes together hold batch_size rows, as one would.
     shares = [order[lane::lanes] for lane in range(lanes)]
-    if lanes > 1:
-        cpu_lanes.settle(model)
     rows_a_lane = math.ceil(batch_size / lanes)
 
     def decode_share(share: list[int]) -> list[_Decoded]:
