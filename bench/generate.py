@@ -13,9 +13,6 @@ loss+lorapipe   what the eval stage ran before: the test loss in its own pass ov
                 `generate_batch` without references.
 lorapipe        `lorapipe.decode.generate_batch` without references: plain batched decoding with
                 `eval.batch_size` prompts at a time (what the eval stage ran before, loss aside).
-eval-one-lane,  the same two on one lane: on a Linux CPU the others decode on one thread per
-lorapipe-one-lane  BLAS thread, each with a share of the rows (`lorapipe.cpu_lanes`), as the
-                eval stage does; elsewhere they are the same.
 eval-mlx-exp,   the same two with MLX's own exp (LORAPIPE_CPU_EXP=mlx): on an x86-64 CPU the
 lorapipe-mlx-exp  others compute exp as a power of two in swiglu, attention and the loss, as
                 the eval stage does (`lorapipe.cpu_exp`); elsewhere they are the same.
@@ -109,10 +106,8 @@ def lorapipe_decode(
     budgets: list[int],
     size: int,
     rows: list[dict[str, Any]] | None = None,
-    lanes: int | None = None,
 ):
-    """generate_batch; with `rows`, given their references (the eval stage's way); on `lanes`
-    lanes (default: lorapipe.cpu_lanes.count(), as the eval stage)."""
+    """generate_batch; with `rows`, given their references (the eval stage's way)."""
     from lorapipe.decode import generate_batch
     from lorapipe.stages.eval import reference_tokens
 
@@ -123,7 +118,7 @@ def lorapipe_decode(
             [reference_tokens(tokenizer, row, prompt)]
             for row, prompt in zip(rows, prompts, strict=True)
         ]
-    generation = generate_batch(model, tokenizer, prompts, budgets, size, references, lanes)
+    generation = generate_batch(model, tokenizer, prompts, budgets, size, references)
     if rows is not None:
         print(f"eval: {generation.verified} of {len(prompts)} answers confirmed", flush=True)
     return generation.tokens, time.perf_counter() - tic, generation.texts
@@ -224,11 +219,11 @@ def main() -> None:
 
         return wrapped
 
-    def evaluation(lanes: int | None = None) -> Any:
-        return lorapipe_decode(model, tokenizer, prompts, budgets, size, rows, lanes)
+    def evaluation() -> Any:
+        return lorapipe_decode(model, tokenizer, prompts, budgets, size, rows)
 
-    def decoding(lanes: int | None = None) -> Any:
-        return lorapipe_decode(model, tokenizer, prompts, budgets, size, lanes=lanes)
+    def decoding() -> Any:
+        return lorapipe_decode(model, tokenizer, prompts, budgets, size)
 
     modes = {
         "eval": under(cpu_exp.installed, evaluation),
@@ -241,8 +236,6 @@ def main() -> None:
         "lorapipe": under(cpu_exp.installed, decoding),
         "eval-mlx-exp": under(cpu_exp.mlx_exp, evaluation),
         "lorapipe-mlx-exp": under(cpu_exp.mlx_exp, decoding),
-        "eval-one-lane": under(cpu_exp.installed, lambda: evaluation(lanes=1)),
-        "lorapipe-one-lane": under(cpu_exp.installed, lambda: decoding(lanes=1)),
         "batch_generate": lambda: batched(
             model, tokenizer, prompts, budgets, size, args.prefill_batch_size
         ),

@@ -13,9 +13,7 @@ step, argmax), arranged for throughput on the CPU, where the figures in bench/RE
 - finished rows leave the batch only when that saves more than the copy of the KV cache costs
   (mlx-lm copies the whole cache each time any row finishes: about one decoding step each);
 - the next step is queued before this step's tokens are read, so Python's bookkeeping overlaps
-  the model's work;
-- on a Linux CPU, each core decodes its own share of the rows on its own thread and MLX stream
-  (lorapipe.cpu_lanes): MLX runs a stream's element-wise work on one core.
+  the model's work.
 
 With `references` (eval's reference answers), the batch also scores them: after the prompts'
 prefill, each reference is fed through the KV cache in one teacher-forced pass, which gives its
@@ -28,12 +26,9 @@ The cache is trimmed back to the prompts after each pass, and only the other row
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
-
-from lorapipe import cpu_lanes
 
 # Padded prompt tokens per prefill forward pass: enough rows for the BLAS to run near its peak,
 # while the attention scores of a group (rows x heads x length^2 floats) stay ~100 MB or less.
@@ -45,14 +40,6 @@ DROP_WHEN_SAVING = 2.0
 # Tokens per teacher-forced forward pass: its logits (tokens x vocabulary floats, ~200 MB at
 # SmolLM2's 49,152 words) are the pass's largest array.
 TEACHER_TOKENS = 1024
-# Rows of a batch each lane keeps at least (lorapipe.cpu_lanes): matmuls of fewer rows stream
-# the weights for little work. Measured on 2 cores only (2 lanes of 64 rows).
-MIN_LANE_ROWS = 16
-
-
-# One prompt's result in a lane: its index, tokens (EOS kept), references' losses, and whether
-# a reference answered it.
-_Decoded = tuple[int, list[int], list[tuple[float, int]], bool]
 
 
 @dataclass(frozen=True)
@@ -71,15 +58,12 @@ def generate_batch(
     max_tokens: list[int],
     batch_size: int,
     references: list[list[list[int]]] | None = None,
-    lanes: int | None = None,
 ) -> Generation:
     """Greedy completions of `prompts` (token ids), each up to its `max_tokens` or an EOS token,
     at most `batch_size` at a time. `references`, if given, holds each prompt's reference
     continuations (token ids as the chat template renders them after the prompt, EOS and what
     follows it included): each is scored, and decoding is skipped where one is the greedy
-    answer (the texts are the same either way). `lanes` threads decode at once, each a share of
-    the rows (lorapipe.cpu_lanes; default: its count, each lane with MIN_LANE_ROWS rows or
-    more); the results are the same on any number."""
+    answer (the texts are the same either way)."""
     if len(max_tokens) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(max_tokens)} token budgets")
     if references is not None and len(references) != len(prompts):
@@ -91,39 +75,25 @@ def generate_batch(
         return Generation([], 0, [], 0)
     eos = set(tokenizer.eos_token_ids)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    if lanes is None:
-        lanes = min(cpu_lanes.count(), math.ceil(batch_size / MIN_LANE_ROWS))
-    lanes = max(1, min(lanes, len(order)))
-    # Every lane takes every lanes-th prompt by length: the same mix of lengths, and batches
-    # of batch_size / lanes rows, so the lanes together hold batch_size rows, as one would.
-    shares = [order[lane::lanes] for lane in range(lanes)]
-    rows_a_lane = math.ceil(batch_size / lanes)
-
-    def decode_share(share: list[int]) -> list[_Decoded]:
-        done: list[_Decoded] = []
-        # Equal batches (300 prompts at 128: 100 + 100 + 100, not 128 + 128 + 44).
-        size = math.ceil(len(share) / math.ceil(len(share) / rows_a_lane))
-        for start in range(0, len(share), size):
-            rows = share[start : start + size]
-            outputs, scored, confirmed = _decode(
-                model,
-                [prompts[i] for i in rows],
-                [max_tokens[i] for i in rows],
-                eos,
-                [refs[i] for i in rows],
-                lanes,
-            )
-            done += list(zip(rows, outputs, scored, confirmed, strict=True))
-        return done
-
+    # Equal batches (300 prompts at 128: 100 + 100 + 100, not 128 + 128 + 44).
+    size = math.ceil(len(order) / math.ceil(len(order) / batch_size))
     completions: list[list[int]] = [[] for _ in prompts]
     losses: list[list[tuple[float, int]]] = [[] for _ in prompts]
     tokens = verified = 0
-    for row, output, loss, confirmed in itertools.chain(*cpu_lanes.run(decode_share, shares)):
-        tokens += len(output)
-        completions[row] = output[:-1] if output[-1] in eos else output
-        losses[row] = loss
+    for start in range(0, len(order), size):
+        rows = order[start : start + size]
+        outputs, scored, confirmed = _decode(
+            model,
+            [prompts[i] for i in rows],
+            [max_tokens[i] for i in rows],
+            eos,
+            [refs[i] for i in rows],
+        )
         verified += confirmed
+        for row, output, loss in zip(rows, outputs, scored, strict=True):
+            tokens += len(output)
+            completions[row] = output[:-1] if output[-1] in eos else output
+            losses[row] = loss
     texts = [tokenizer.decode(completion) for completion in completions]
     return Generation(texts, tokens, losses, verified)
 
@@ -134,26 +104,23 @@ def _decode(
     budgets: list[int],
     eos: set[int],
     references: list[list[list[int]]],
-    lanes: int,
-) -> tuple[list[list[int]], list[list[tuple[float, int]]], list[bool]]:
-    """Greedy decoding of one batch of length-sorted prompts (one of `lanes` decoding at
-    once): each row's tokens, up to its budget or an EOS token (kept as the last); each
-    reference's loss; whether a reference answered the row."""
+) -> tuple[list[list[int]], list[list[tuple[float, int]]], int]:
+    """Greedy decoding of one batch of length-sorted prompts: each row's tokens, up to its
+    budget or an EOS token (kept as the last); each reference's loss; how many rows a reference
+    answered."""
     import mlx.core as mx
 
-    cache, outputs, losses = _prefill(model, prompts, references, budgets, eos, lanes)
-    confirmed = [bool(output) for output in outputs]
+    cache, outputs, losses = _prefill(model, prompts, references, budgets, eos)
     rows = [r for r in range(len(prompts)) if not outputs[r]]  # batch position -> prompt index
+    verified = len(prompts) - len(rows)
     if not rows:
-        return outputs, losses, confirmed
-    if len(rows) < len(prompts):
+        return outputs, losses, verified
+    if verified:
         for layer in cache:
             layer.filter(rows)
 
     def step(tokens: mx.array) -> mx.array:
-        with cpu_lanes.building:
-            logits = model(tokens[:, None], cache=cache)
-        return mx.argmax(logits[:, -1, :], axis=-1)
+        return mx.argmax(model(tokens[:, None], cache=cache)[:, -1, :], axis=-1)
 
     queued = step(mx.array([prompts[r][-1] for r in rows]))
     mx.async_eval(queued)
@@ -178,7 +145,7 @@ def _decode(
             queued = queued[mx.array(keep)]
             rows = [rows[i] for i in keep]
             finished = 0
-    return outputs, losses, confirmed
+    return outputs, losses, verified
 
 
 def _teacher_force(
@@ -188,7 +155,6 @@ def _teacher_force(
     references: list[list[list[int]]],
     budgets: list[int],
     eos: set[int],
-    lanes: int,
 ) -> tuple[list[list[int]], list[list[tuple[float, int]]]]:
     """Each row's references through its prefilled `cache` (one pass per reference index, the
     cache trimmed back after each). Returns each row's greedy answer where a reference spells
@@ -216,11 +182,11 @@ def _teacher_force(
         real = np.arange(width) < np.array([[len(r)] for r in refs])
         summed = np.zeros(len(refs))
         choices = np.zeros((len(refs), width), np.int64)
-        step = max(1, TEACHER_TOKENS // lanes // len(refs))
+        step = max(1, TEACHER_TOKENS // len(refs))
         for start in range(0, width, step):
             window = real[:, start : start + step]
             where = np.flatnonzero(window)
-            with cpu_lanes.building, logits_at(model, mx.array(where.astype(np.int32))):
+            with logits_at(model, mx.array(where.astype(np.int32))):
                 logits = model(mx.array(inputs[:, start : start + step]), cache=cache)
             if logits.ndim == 3:  # a model logits_at does not know: all of them
                 logits = logits.reshape(-1, logits.shape[-1])[mx.array(where)]
@@ -266,7 +232,6 @@ def _prefill(
     references: list[list[list[int]]],
     budgets: list[int],
     eos: set[int],
-    lanes: int,
 ) -> tuple[list[Any], list[list[int]], list[list[tuple[float, int]]]]:
     """The batch's KV cache after all but the prompts' last tokens, left-padded (BatchKVCache
     masks the padding and starts each row's positions at 0), in groups of about PREFILL_TOKENS.
@@ -279,23 +244,22 @@ def _prefill(
     cache: list[Any] | None = None
     answers: list[list[int]] = []
     losses: list[list[tuple[float, int]]] = []
-    tokens = PREFILL_TOKENS // lanes  # the lanes' groups together hold about PREFILL_TOKENS
     start = 0
     while start < len(prompts):
         end = start + 1  # prompts are sorted by length: the group's last is its longest
-        while end < len(prompts) and (end + 1 - start) * (len(prompts[end]) - 1) <= tokens:
+        while end < len(prompts) and (end + 1 - start) * (len(prompts[end]) - 1) <= PREFILL_TOKENS:
             end += 1
         group = [p[:-1] for p in prompts[start:end]]
         width = len(group[-1])
         padding = [width - len(p) for p in group]
         part = [BatchKVCache(padding) for _ in model.layers]
         if width:
-            with cpu_lanes.building:
-                inputs = mx.array([[0] * pad + p for pad, p in zip(padding, group, strict=True)])
-                model(inputs, cache=part)
+            model(
+                mx.array([[0] * pad + p for pad, p in zip(padding, group, strict=True)]), cache=part
+            )
             mx.eval([c.state for c in part])
         scored = _teacher_force(
-            model, part, prompts[start:end], references[start:end], budgets[start:end], eos, lanes
+            model, part, prompts[start:end], references[start:end], budgets[start:end], eos
         )
         answers += scored[0]
         losses += scored[1]

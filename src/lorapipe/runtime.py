@@ -30,11 +30,10 @@ import shutil
 import struct
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import util
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from lorapipe.errors import LorapipeError
 
@@ -285,47 +284,6 @@ def _serving_library(symbol: str) -> str | None:
     if not address or not dl.dladdr(address, ctypes.byref(info)) or not info.dli_fname:
         return None
     return os.path.realpath(os.fsdecode(info.dli_fname))
-
-
-_THREAD_SETTERS = (
-    "scipy_openblas_set_num_threads",
-    "openblas_set_num_threads",
-    "MKL_Set_Num_Threads",
-)
-
-
-def _blas_function(names: tuple[str, ...], restype: Any, *argtypes: Any) -> Any:
-    """The first of `names` that the BLAS serving MLX exports, as a ctypes function; None
-    where no BLAS is loaded or it has none of them. The library stays loaded (it is MLX's)."""
-    path = _serving_library(_PROBE)
-    handle = _loaded_handle(path) if path else None
-    if not handle:
-        return None
-    try:
-        for name in names:
-            address = _libdl().dlsym(handle, name.encode())
-            if address:
-                return ctypes.CFUNCTYPE(restype, *argtypes)(address)
-        return None
-    finally:
-        _libdl().dlclose(handle)
-
-
-@contextlib.contextmanager
-def blas_threads(count: int) -> Iterator[bool]:
-    """Inside, the BLAS serving MLX runs each call on `count` threads (OpenBLAS, MKL); the
-    previous count is restored on leaving. Yields whether the BLAS could be told."""
-    getter = _blas_function(_THREAD_GETTERS, ctypes.c_int)
-    setter = _blas_function(_THREAD_SETTERS, None, ctypes.c_int)
-    if getter is None or setter is None:
-        yield False
-        return
-    previous = int(getter())
-    setter(count)
-    try:
-        yield True
-    finally:
-        setter(previous)
 
 
 def _threads(path: str) -> int | None:
@@ -652,7 +610,7 @@ def describe() -> dict[str, str]:
     setup()
     import mlx.core as mx
 
-    from lorapipe import cpu_exp, cpu_lanes
+    from lorapipe import cpu_exp
 
     backend, distribution = _backend()
 
@@ -670,11 +628,7 @@ def describe() -> dict[str, str]:
         "default device": str(mx.default_device()),
         "blas": str(blas_info()),
         ENV_VAR: os.environ.get(ENV_VAR) or "auto (unset)",
-        **(
-            {"exp": cpu_exp.describe(), "cpu lanes": cpu_lanes.describe()}
-            if backend == "cpu"
-            else {}
-        ),
+        **({"exp": cpu_exp.describe()} if backend == "cpu" else {}),
         **({"kernel cache": os.environ["MLX_PTX_CACHE_DIR"]} if backend == "cuda" else {}),
         **{name: version(name) for name in ("mlx-lm", "dvc", "dvclive", "transformers", "numpy")},
         "lorapipe": version("lorapipe"),
