@@ -18,6 +18,7 @@ Both MLX trainers run themselves, with the same model, batches, LoRA layers and 
 
 `--trainers` picks among lorapipe, lorapipe_no_clip (max_grad_norm off: mlx-lm's and PEFT's
 arithmetic), lorapipe_mlx_exp (MLX's own exp on an x86-64 CPU, not lorapipe.cpu_exp's),
+lorapipe_one_lane (one stream on a CPU: no lanes, `lorapipe.lanes`),
 lorapipe_memory_limit (train.memory_limit_gb = MEMORY_LIMIT_GB[shape]),
 lorapipe_matched (that limit and train.grad_checkpoint = CHECKPOINT_BLOCKS[shape]: the setting
 that keeps to PyTorch's memory), mlx_lm (as mlx_lm.lora runs it: buffer cache emptied every
@@ -73,7 +74,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lorapipe import runtime
+from lorapipe import lanes, runtime
 from lorapipe.io import atomic_write_json
 from lorapipe.memory import OutOfMemory
 
@@ -262,10 +263,11 @@ def run_lorapipe(
     checkpoint: bool = False,
     target_gb: float | None = None,
     mlx_exp: bool = False,
+    one_lane: bool = False,
 ) -> dict[str, Any]:
     import mlx.core as mx
 
-    from lorapipe import cpu_exp
+    from lorapipe import cpu_exp, lanes
     from lorapipe.fast import fast_training
     from lorapipe.memory import fit_memory
     from lorapipe.tracking import Recorder
@@ -292,7 +294,10 @@ def run_lorapipe(
         tempfile.TemporaryDirectory() as tmp,
         cpu_exp.mlx_exp() if mlx_exp else contextlib.nullcontext(),
     ):
-        run = TrainingRun.fresh(model, train, params.seed, batches, total, Path(tmp), recorder)
+        lane_count = 1 if one_lane else lanes.count(args.batch)  # as the train stage counts
+        run = TrainingRun.fresh(
+            model, train, params.seed, batches, total, Path(tmp), recorder, lanes=lane_count
+        )
         started = time.perf_counter()
         with fast_training(model):  # as the stage does: the blocks that recompute, checked
             fit = fit_memory(run)
@@ -313,6 +318,7 @@ def run_lorapipe(
         recomputed_blocks=fit.blocks,
         fit_need_gb=fit.need / 1e9,
         fit_seconds=fit_seconds,
+        lanes=lane_count,
     )
     del model, run
     return result
@@ -405,6 +411,8 @@ def trainers_case(args: argparse.Namespace, shape: str) -> dict[str, Any]:
         "lorapipe_no_clip": partial(run_lorapipe, clip=False),
         # MLX's own exp on an x86-64 CPU (LORAPIPE_CPU_EXP=mlx), not lorapipe.cpu_exp's
         "lorapipe_mlx_exp": partial(run_lorapipe, mlx_exp=True),
+        # one stream on a CPU, the BLAS's threads on each product (LORAPIPE_CPU_LANES=1)
+        "lorapipe_one_lane": partial(run_lorapipe, one_lane=True),
         # train.memory_limit_gb set to MEMORY_LIMIT_GB[shape]
         "lorapipe_memory_limit": partial(run_lorapipe, memory_limit=True),
         # and train.grad_checkpoint set to CHECKPOINT_BLOCKS[shape]
@@ -1467,6 +1475,7 @@ def main() -> None:
     frameworks = args.frameworks.split(",")
     if "mlx" in frameworks:
         runtime.setup()  # before mlx.core is imported: OpenBLAS on Linux CPU
+        lanes.prepare()  # before the first eval, as the train stage does
     if args.worker == "bundled":
         bundled_worker(args)
         return

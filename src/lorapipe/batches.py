@@ -107,6 +107,23 @@ class Batches:
     def padding_fraction(self) -> float:
         return 1 - self.real_tokens / max(self.padded_tokens, 1)
 
+    def split(self, parts: int) -> list[Batches]:
+        """Every batch's rows cut into `parts` consecutive groups of near-equal size, one
+        Batches a group (a training step's lanes, `lorapipe.lanes`), each with its own learned
+        positions. `real` and `whole` stay the whole batch's. Needs `parts` rows a batch."""
+        if any(len(tokens) < parts for tokens in self.tokens):
+            raise ValueError(f"a batch has fewer rows than the {parts} parts asked for")
+        groups = [Batches([], [], [], whole=self.whole) for _ in range(parts)]
+        for tokens, targets, real in zip(self.tokens, self.targets, self.real, strict=True):
+            cuts = zip(np.array_split(tokens, parts), np.array_split(targets, parts), strict=True)
+            for group, (rows, learned) in zip(groups, cuts, strict=True):
+                group.tokens.append(rows)
+                group.targets.append(learned)
+                group.real.append(real)
+        for group in groups:
+            group.positions = learned_positions(group.targets)
+        return groups
+
     def arrays(self, index: int) -> tuple[Any, Any, Any]:
         """Batch `index` as the MLX arrays masked_loss takes after the model."""
         import mlx.core as mx

@@ -179,7 +179,7 @@ def trial_peak(run: TrainingRun, batch: int, gigabytes: float | None) -> int | N
     import mlx.core as mx
 
     try:
-        with run.rewound(), memory_limit(gigabytes):
+        with run.rewound(), run.on_lanes(), memory_limit(gigabytes):
             mx.reset_peak_memory()
             queued = run.launch(0, None, batch)
             for number in range(1, TRIAL_STEPS):

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from importlib import util
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from lorapipe.errors import LorapipeError
 
@@ -286,20 +286,45 @@ def _serving_library(symbol: str) -> str | None:
     return os.path.realpath(os.fsdecode(info.dli_fname))
 
 
-def _threads(path: str) -> int | None:
-    """The thread count of the BLAS in `path`, where it has a getter (OpenBLAS, MKL)."""
+def _blas_function(path: str, names: tuple[str, ...], signature: Any) -> Any:
+    """The first of `names` that the loaded library `path` exports, as a ctypes function of
+    `signature`; None where it is not loaded or exports none of them. The library stays loaded
+    (MLX holds it), so the function outlives the handle closed here."""
     dl = _libdl()
     handle = _loaded_handle(path)
     if not handle:
         return None
     try:
-        for name in _THREAD_GETTERS:
-            address = dl.dlsym(handle, name.encode())
-            if address:
-                return int(ctypes.CFUNCTYPE(ctypes.c_int)(address)())
-        return None
+        addresses = (dl.dlsym(handle, name.encode()) for name in names)
+        address = next((a for a in addresses if a), None)
+        return signature(address) if address else None
     finally:
         dl.dlclose(handle)
+
+
+def _threads(path: str) -> int | None:
+    """The thread count of the BLAS in `path`, where it has a getter (OpenBLAS, MKL)."""
+    getter = _blas_function(path, _THREAD_GETTERS, ctypes.CFUNCTYPE(ctypes.c_int))
+    return None if getter is None else int(getter())
+
+
+_THREAD_SETTERS = (
+    "scipy_openblas_set_num_threads",
+    "openblas_set_num_threads",
+    "MKL_Set_Num_Threads",
+)
+
+
+def set_blas_threads(count: int) -> bool:
+    """Make the BLAS serving MLX run each call on `count` threads (OpenBLAS, MKL; from the next
+    call on, process-wide); False where no BLAS is loaded or it has no setter."""
+    path = _serving_library(_PROBE)
+    signature = ctypes.CFUNCTYPE(None, ctypes.c_int)
+    setter = _blas_function(path, _THREAD_SETTERS, signature) if path else None
+    if setter is None:
+        return False
+    setter(count)
+    return True
 
 
 # --- setup ------------------------------------------------------------------------------------
@@ -610,7 +635,7 @@ def describe() -> dict[str, str]:
     setup()
     import mlx.core as mx
 
-    from lorapipe import cpu_exp
+    from lorapipe import cpu_exp, lanes
 
     backend, distribution = _backend()
 
@@ -628,7 +653,11 @@ def describe() -> dict[str, str]:
         "default device": str(mx.default_device()),
         "blas": str(blas_info()),
         ENV_VAR: os.environ.get(ENV_VAR) or "auto (unset)",
-        **({"exp": cpu_exp.describe()} if backend == "cpu" else {}),
+        **(
+            {"exp": cpu_exp.describe(), "training lanes": lanes.describe()}
+            if backend == "cpu"
+            else {}
+        ),
         **({"kernel cache": os.environ["MLX_PTX_CACHE_DIR"]} if backend == "cuda" else {}),
         **{name: version(name) for name in ("mlx-lm", "dvc", "dvclive", "transformers", "numpy")},
         "lorapipe": version("lorapipe"),

@@ -16,13 +16,14 @@ import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
-from functools import partial
+from functools import partial, reduce
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 from lorapipe.batches import Batches, batch_order
 from lorapipe.checkpoints import WINDOW, LoopState, save_best, save_checkpoint
 from lorapipe.errors import LorapipeError
+from lorapipe.lanes import all_blas_threads, one_blas_thread
 from lorapipe.loss import dataset_loss, masked_loss
 from lorapipe.memory import memory_limit
 from lorapipe.params import LoraParams, TrainParams
@@ -218,6 +219,7 @@ class TrainingRun:
         fingerprint: str,
         tracker: Reporter,
         world: Any = None,
+        lanes: int = 1,
     ) -> None:
         import mlx.core as mx
 
@@ -233,6 +235,13 @@ class TrainingRun:
         self.state, self.checkpoints, self.fingerprint = state, checkpoints, fingerprint
         self.tracker = tracker
         self.layout = fast.trainable_layout(model, optimizer)
+        # Lanes (lorapipe.lanes): each takes a share of every batch's rows, on its own stream.
+        self.lanes = lanes
+        self.lane_batches = train_batches.split(lanes) if lanes > 1 else [train_batches]
+        device = mx.default_device()
+        self.lane_streams = [mx.default_stream(device)]
+        self.lane_streams += [mx.new_stream(device) for _ in range(lanes - 1)]
+        self.blas_threads: int | None = None  # the BLAS's own count while lanes hold it at one
         self.step = self._compile_step()
         self.clock = time.perf_counter()
 
@@ -247,11 +256,12 @@ class TrainingRun:
         checkpoints: Path,
         tracker: Reporter,
         world: Any = None,
+        lanes: int = 1,
     ) -> TrainingRun:
         """A run from step 0 that also validates on its training batches (benches, tests)."""
         optimizer, state = make_optimizer(train, total_steps), LoopState()
         args = (batches, batches, train, seed, total_steps, state, checkpoints, "fresh", tracker)
-        return cls(model, optimizer, *args, world)
+        return cls(model, optimizer, *args, world, lanes)
 
     def _compile_step(self) -> Any:
         """One batch's forward and backward pass and, at the end of an accumulation, the
@@ -265,10 +275,27 @@ class TrainingRun:
         loss_and_grad = nn.value_and_grad(model, masked_loss)
         self.compiled_state = [model.state, self.optimizer.state, mx.random.state, layout.state]
 
+        def batch_loss_and_grad(lanes: tuple[Any, ...]) -> tuple[Any, Any, Any]:
+            """The batch's mean loss, its learned tokens and the mean gradient. With lanes, each
+            lane's on its stream, weighed by its tokens: one lane's figures, up to rounding."""
+            if len(lanes) == 1:
+                (loss, count), grad = loss_and_grad(model, *lanes[0])
+                return loss, count, layout.gradient(grad)
+            losses, counts, grads = [], [], []
+            for stream, arrays in zip(self.lane_streams, lanes, strict=True):
+                with mx.stream(stream):
+                    (loss, count), grad = loss_and_grad(model, *arrays)
+                    losses.append(loss * count)
+                    counts.append(count)
+                    grads.append(layout.scale(layout.gradient(grad), count))
+            count = sum(counts)
+            per_token = 1 / mx.maximum(count, 1)
+            grad = layout.scale(reduce(layout.add, grads), per_token)
+            return sum(losses) * per_token, count, grad
+
         @partial(mx.compile, inputs=self.compiled_state, outputs=self.compiled_state)
-        def step(tokens: Any, targets: Any, positions: Any, previous: Any, update: bool) -> Any:
-            (loss, count), grad = loss_and_grad(model, tokens, targets, positions)
-            grad = layout.gradient(grad)
+        def step(lanes: tuple[Any, ...], previous: Any, update: bool) -> Any:
+            loss, count, grad = batch_loss_and_grad(lanes)
             if ranks > 1:
                 # This process's gradient and loss weighed by its learned tokens, and their
                 # count, averaged over the processes in one collective (MLX's
@@ -323,6 +350,19 @@ class TrainingRun:
             self.layout.state.update(layout)
             self.recompile()
 
+    @contextmanager
+    def on_lanes(self) -> Iterator[None]:
+        """While steps run on lanes, the BLAS runs each call on one thread (lorapipe.lanes);
+        `evaluate` gives it all of them back. Nested uses change nothing."""
+        if self.lanes == 1 or self.blas_threads is not None:
+            yield
+            return
+        with one_blas_thread() as self.blas_threads:
+            try:
+                yield
+            finally:
+                self.blas_threads = None
+
     def launch(self, number: int, previous: Any, batch: int | None = None) -> Queued:
         """Queue step `number` (0-based) on the device and return at once (on `batch` rather
         than the step's own batch: memory trials)."""
@@ -334,7 +374,8 @@ class TrainingRun:
         # Random draws (dropout) depend on (seed, step) only: a resumed run draws the same.
         mx.random.seed(step_seed(self.seed, number))
         update = (number + 1) % self.schedule.accumulate == 0
-        outputs = self.step(*self.train_batches.arrays(batch), previous, update)
+        lanes = tuple(lane.arrays(batch) for lane in self.lane_batches)
+        outputs = self.step(lanes, previous, update)
         mx.async_eval(self.compiled_state, *(o for o in outputs if o is not None))
         return Queued(batch, *outputs)
 
@@ -395,7 +436,8 @@ class TrainingRun:
         """Validation loss, the best adapter so far; True when early stopping's patience is out."""
         state, train = self.state, self.train
         self.model.eval()
-        val_loss = dataset_loss(self.model, self.valid_batches, train.val_batches, self.world)
+        with all_blas_threads(self.blas_threads):
+            val_loss = dataset_loss(self.model, self.valid_batches, train.val_batches, self.world)
         self.model.train()
         record = {"step": state.step, "val_loss": val_loss}
         state.history.append(record)
@@ -442,6 +484,7 @@ def train_loop(run: TrainingRun) -> LoopState:
         fast_training(run.model),
         closing(run.layout),
         StopRequest((signal.SIGINT,)) if run.world.size() > 1 else StopRequest() as stop,
+        run.on_lanes(),
     ):
         if state.step == 0:
             run.evaluate()  # the loss before training: the curve's first point

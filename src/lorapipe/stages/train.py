@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from lorapipe import lanes
 from lorapipe.batches import Example, load_split, make_batches
 from lorapipe.checkpoints import (
     BEST_ADAPTER,
@@ -95,6 +96,7 @@ def main(params: Params) -> None:
     from lorapipe.tracking import Recorder, Tracker
 
     check_mlx_lm()
+    lanes.prepare()  # before the first eval: MLX reads the setting once
     paths, train = params.paths, params.train
     base, split_dir = Path(paths.base), Path(paths.sanitized)
     if not (base / "config.json").is_file():
@@ -147,6 +149,9 @@ def main(params: Params) -> None:
         f"{total_steps} steps of {train.batch_size}; padding {train_batches.padding_fraction:.1%}"
     )
     tracker.replay(state.history)
+    lane_count = lanes.count(train.batch_size // ranks)
+    if lane_count > 1:
+        tracker.say(f"cpu: each step's rows on {lane_count} lanes ({lanes.describe()})")
     if train.grad_checkpoint != "auto" and train.grad_checkpoint > len(model.layers):
         raise TrainError(
             f"train.grad_checkpoint: {train.grad_checkpoint} but the model has "
@@ -165,6 +170,7 @@ def main(params: Params) -> None:
         fp,
         tracker,
         world,
+        lane_count,
     )
     try:
         with fast_training(model):  # measure the step training will run

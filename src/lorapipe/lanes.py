@@ -1,0 +1,111 @@
+"""Lanes: a training step's rows split over MLX streams on the CPU, one lane per core.
+
+On MLX's CPU backend a stream runs one operation at a time on one thread. The BLAS spreads each
+matrix product over the cores, but everything between the products (norms, RoPE, softmax,
+swiglu, their gradients, the optimizer) runs on that one thread while the BLAS's other threads
+wait. With lanes, each lane computes the loss and gradient of its share of a batch's rows on a
+stream of its own, with a one-thread BLAS, so every core does both kinds of work. The lanes'
+losses and gradients are weighed by their learned tokens: a step computes the batch's mean, as
+one lane does, up to float rounding (the trainer combines them; `Batches.split` cuts the rows).
+
+Two process-wide settings make lanes run side by side:
+- MLX's `eval` lists its work breadth-first only `MLX_BFS_MAX_WIDTH` arrays wide (20), then
+  depth-first, and queues at most 10 operations ahead of the threads running them: one
+  lane's whole backward pass would be queued before the other's, and the lanes would take turns.
+  `prepare()` widens it; MLX reads it once, at the process's first `eval`.
+- The BLAS runs each call on one thread while lanes run (`one_blas_thread`), else two lanes'
+  products would each ask for every core.
+
+`LORAPIPE_CPU_LANES` sets the count (1: no lanes); by default it is the BLAS's thread count where
+MLX computes on the CPU, else 1 (a GPU runs a step's work side by side by itself).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+from lorapipe import runtime
+from lorapipe.errors import LorapipeError
+
+ENV_VAR = "LORAPIPE_CPU_LANES"
+BFS_WIDTH_VAR = "MLX_BFS_MAX_WIDTH"
+WIDE = "1000000"  # wider than any training step's graph
+
+
+class LanesError(LorapipeError):
+    """LORAPIPE_CPU_LANES is not a positive whole number."""
+
+
+def _requested() -> int | None:
+    value = os.environ.get(ENV_VAR, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise LanesError(f"{ENV_VAR}={value!r}: expected a whole number of lanes, 1 or more")
+    return int(value)
+
+
+def _on_cpu() -> bool:
+    import mlx.core as mx
+
+    return bool(mx.default_device() == mx.cpu)
+
+
+def count(rows: int) -> int:
+    """How many lanes a step of `rows` rows (this process's share of a batch) runs on: never
+    more than its rows."""
+    requested = _requested()
+    if requested is None:
+        threads = runtime.blas_info().threads if _on_cpu() else None
+        requested = threads or 1
+    return max(1, min(requested, rows))
+
+
+def prepare() -> None:
+    """Let lanes run side by side: call before this process's first `mx.eval` (MLX reads the
+    width once). A width the user set is kept."""
+    if _requested() != 1:
+        os.environ.setdefault(BFS_WIDTH_VAR, WIDE)
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[int | None]:
+    """Inside, the BLAS serving MLX runs each call on one thread (OpenBLAS, MKL); yields the
+    thread count it had (restored on leaving; `all_blas_threads` gives it back in between), or
+    None where the BLAS cannot be told."""
+    threads = runtime.blas_info().threads
+    if threads is None or not runtime.set_blas_threads(1):
+        yield None
+        return
+    try:
+        yield threads
+    finally:
+        runtime.set_blas_threads(threads)
+
+
+@contextlib.contextmanager
+def all_blas_threads(threads: int | None) -> Iterator[None]:
+    """Inside `one_blas_thread`, the BLAS runs on the `threads` it yielded again: for work
+    between steps that runs without lanes (the validation loss); None changes nothing."""
+    if threads is None:
+        yield
+        return
+    runtime.set_blas_threads(threads)
+    try:
+        yield
+    finally:
+        runtime.set_blas_threads(1)
+
+
+def describe() -> str:
+    """What `lorapipe doctor` prints on MLX's CPU backend."""
+    try:
+        requested = _requested()
+    except LanesError as exc:
+        return str(exc)
+    if requested is not None:
+        return f"{requested} ({ENV_VAR})"
+    threads = runtime.blas_info().threads or 1
+    return f"{threads}, one per BLAS thread ({ENV_VAR}=1: none)"
