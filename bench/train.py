@@ -1475,7 +1475,7 @@ def main() -> None:
     frameworks = args.frameworks.split(",")
     if "mlx" in frameworks:
         runtime.setup()  # before mlx.core is imported: OpenBLAS on Linux CPU
-        lanes.prepare()  # before the first eval, as the train stage does
+        lanes.prepare(lanes.count(args.batch))  # before the first eval, as the stage does
     if args.worker == "bundled":
         bundled_worker(args)
         return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,11 @@ def test_the_lane_count_follows_the_blas_and_the_environment(
     monkeypatch.setenv(lanes.ENV_VAR, "3")
     assert lanes.count(8) == 3
     assert lanes.describe() == "3 (LORAPIPE_CPU_LANES)"
+    monkeypatch.delenv(lanes.BFS_WIDTH_VAR, raising=False)
+    lanes.prepare(1)  # one lane: MLX's own eval order
+    assert lanes.BFS_WIDTH_VAR not in os.environ
+    lanes.prepare(2)
+    assert os.environ[lanes.BFS_WIDTH_VAR] == lanes.WIDE
     monkeypatch.setenv(lanes.ENV_VAR, "0")
     with pytest.raises(lanes.LanesError, match="LORAPIPE_CPU_LANES='0': expected a whole number"):
         lanes.count(8)

@@ -12,7 +12,7 @@ Two process-wide settings make lanes run side by side:
 - MLX's `eval` lists its work breadth-first only `MLX_BFS_MAX_WIDTH` arrays wide (20), then
   depth-first, and queues at most 10 operations ahead of the threads running them: one
   lane's whole backward pass would be queued before the other's, and the lanes would take turns.
-  `prepare()` widens it; MLX reads it once, at the process's first `eval`.
+  `prepare` widens it; MLX reads it once, at the process's first `eval`.
 - The BLAS runs each call on one thread while lanes run (`one_blas_thread`), else two lanes'
   products would each ask for every core.
 
@@ -63,10 +63,10 @@ def count(rows: int) -> int:
     return max(1, min(requested, rows))
 
 
-def prepare() -> None:
-    """Let lanes run side by side: call before this process's first `mx.eval` (MLX reads the
-    width once). A width the user set is kept."""
-    if _requested() != 1:
+def prepare(lanes: int) -> None:
+    """Let `lanes` lanes run side by side: call before this process's first `mx.eval` (MLX
+    reads the width once). A width the user set is kept; with one lane nothing changes."""
+    if lanes > 1:
         os.environ.setdefault(BFS_WIDTH_VAR, WIDE)
 
 

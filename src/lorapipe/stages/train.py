@@ -96,7 +96,6 @@ def main(params: Params) -> None:
     from lorapipe.tracking import Recorder, Tracker
 
     check_mlx_lm()
-    lanes.prepare()  # before the first eval: MLX reads the setting once
     paths, train = params.paths, params.train
     base, split_dir = Path(paths.base), Path(paths.sanitized)
     if not (base / "config.json").is_file():
@@ -110,6 +109,8 @@ def main(params: Params) -> None:
             f"train.batch_size: {train.batch_size} rows cannot be shared by {ranks} processes; "
             f"use a multiple of {ranks} (the batch is global: each process takes its share)"
         )
+    lane_count = lanes.count(train.batch_size // ranks)
+    lanes.prepare(lane_count)  # before the first eval: MLX reads the setting once
     mx.random.seed(params.seed)
     model, tokenizer = load(str(base))[:2]
     num_layers = attach_adapters(model, params.lora)
@@ -149,7 +150,6 @@ def main(params: Params) -> None:
         f"{total_steps} steps of {train.batch_size}; padding {train_batches.padding_fraction:.1%}"
     )
     tracker.replay(state.history)
-    lane_count = lanes.count(train.batch_size // ranks)
     if lane_count > 1:
         tracker.say(f"cpu: each step's rows on {lane_count} lanes ({lanes.describe()})")
     if train.grad_checkpoint != "auto" and train.grad_checkpoint > len(model.layers):
