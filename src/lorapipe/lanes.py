@@ -16,8 +16,9 @@ Two process-wide settings make lanes run side by side:
 - The BLAS runs each call on one thread while lanes run (`one_blas_thread`), else two lanes'
   products would each ask for every core.
 
-`LORAPIPE_CPU_LANES` sets the count (1: no lanes); by default it is the BLAS's thread count where
-MLX computes on the CPU, else 1 (a GPU runs a step's work side by side by itself).
+Where MLX computes on the CPU, `LORAPIPE_CPU_LANES` sets the count (1: no lanes); by default it
+is the BLAS's thread count. On a GPU there is one lane (a GPU runs a step's work side by side by
+itself).
 """
 
 from __future__ import annotations
@@ -57,10 +58,9 @@ def count(rows: int) -> int:
     """How many lanes a step of `rows` rows (this process's share of a batch) runs on: never
     more than its rows."""
     requested = _requested()
-    if requested is None:
-        threads = runtime.blas_info().threads if _on_cpu() else None
-        requested = threads or 1
-    return max(1, min(requested, rows))
+    if not _on_cpu():
+        return 1
+    return max(1, min(requested or runtime.blas_info().threads or 1, rows))
 
 
 def prepare(lanes: int) -> None:
