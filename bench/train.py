@@ -7,6 +7,9 @@
     python3 bench/train.py --device gpu --frameworks torch --output $OUT/torch.json
     python3 bench/train.py --device gpu --frameworks mlx --output $OUT/mlx.json
     uv run python bench/train.py --merge a.json b.json --output bench/results/train-gpu.json
+    uv run python bench/train.py --trainers lorapipe,lorapipe_one_lane --rows \
+        RUN/data/sanitized/train.jsonl --rows-tokenizer RUN/models/base --report-every 10 \
+        --warmup 1 --windows 4 --bundled-steps 0    # a finished run's rows (RUN: its folder)
 
 Both MLX trainers run themselves, with the same model, batches, LoRA layers and optimizer:
 
@@ -188,9 +191,15 @@ def bench_params(args: argparse.Namespace, total_steps: int) -> Any:
 
 
 def make_data(args: argparse.Namespace, seed: int = 0) -> Any:
-    """lorapipe Batches of full rows of random tokens (never zeros): seq inputs + 1 each."""
-    from lorapipe.batches import Example, make_batches
+    """lorapipe Batches of full rows of random tokens (never zeros): seq inputs + 1 each; or,
+    with --rows, a sanitized split's rows as the train stage batches them (--seq unused)."""
+    from lorapipe.batches import Example, load_split, make_batches
 
+    if args.rows:
+        from mlx_lm.utils import load_tokenizer
+
+        tokenizer = load_tokenizer(Path(args.rows_tokenizer))
+        return make_batches(load_split(Path(args.rows), tokenizer, True), args.batch)
     rng = np.random.default_rng(seed)
     rows = rng.integers(1, COMMON["vocab_size"], (DISTINCT_BATCHES * args.batch, args.seq + 1))
     examples = [Example(row.tolist(), [0] + [1] * args.seq) for row in rows]
@@ -309,6 +318,8 @@ def run_lorapipe(
     marks = report_marks(recorder)
     result = windows_from_marks(marks, args.warmup, args.report_every, args.batch * args.seq)
     train_records = recorder.train_records()
+    if args.rows:  # rows of many lengths: the tokens each window saw, as the train stage counts
+        result["tokens_per_s"] = [r["tokens_per_second"] for r in train_records][args.warmup :]
     result.update(
         peak_memory_gb=mx.get_peak_memory() / 1e9,
         losses=[r["train_loss"] for r in train_records],
@@ -423,6 +434,8 @@ def trainers_case(args: argparse.Namespace, shape: str) -> dict[str, Any]:
     for target in args.memory_targets.get(shape, []):  # lorapipe_target_3.12GB, ...
         known[f"lorapipe_target_{target}GB"] = partial(run_lorapipe, target_gb=target)
     names = args.trainers.split(",")
+    if args.rows and any(not name.startswith("lorapipe") for name in names):
+        sys.exit("bench/train.py: --rows runs lorapipe's trainers only")
     if "lorapipe_targets" in names:
         at = names.index("lorapipe_targets")
         names[at : at + 1] = [n for n in known if n.startswith("lorapipe_target_")]
@@ -1361,7 +1374,7 @@ def summary_table(report: dict[str, Any]) -> str:
                     shape,
                     name,
                     spread,
-                    f"{tokens / t * 1e3:,.1f}",
+                    "-" if report["settings"].get("rows") else f"{tokens / t * 1e3:,.1f}",
                     f"{peak:.2f}",
                     f"{mfu(n, t):.1%}" if report["device"] == "gpu" else "-",
                     f"{t / compiled[1]:.3f}x" if compiled else "-",
@@ -1415,6 +1428,14 @@ def main() -> None:
     parser.add_argument("--shapes", help="comma-separated: " + ", ".join(SHAPES))
     parser.add_argument("--batch", type=int)
     parser.add_argument("--seq", type=int, help="tokens a row feeds the model (multiple of 32)")
+    parser.add_argument(
+        "--rows",
+        help="lorapipe trainers on a sanitized split's rows (a finished run's "
+        "data/sanitized/train.jsonl: mixed lengths, prompts masked) instead of random full rows",
+    )
+    parser.add_argument(
+        "--rows-tokenizer", default="models/base", help="the tokenizer folder for --rows"
+    )
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--report-every", type=int, help="steps per timed window")
     parser.add_argument("--warmup", type=int, help="windows dropped at the start of each run")
@@ -1489,6 +1510,7 @@ def main() -> None:
     cases = args.cases.split(",")
     settings = {k: getattr(args, k) for k in DEFAULTS[args.device]}
     settings["OPENBLAS_NUM_THREADS"] = os.environ.get("OPENBLAS_NUM_THREADS", "unset")
+    settings["rows"] = args.rows
     report: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": args.device,
