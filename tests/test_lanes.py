@@ -103,10 +103,11 @@ def test_the_lane_count_follows_the_blas_and_the_environment(
     threads = runtime.blas_info().threads or 1
     monkeypatch.delenv(lanes.ENV_VAR, raising=False)
     assert lanes.count(8) == min(threads, 8)
+    assert lanes.describe() == f"{threads} (one per BLAS thread; LORAPIPE_CPU_LANES=1: one stream)"
     assert lanes.count(1) == 1  # never more lanes than rows
     monkeypatch.setenv(lanes.ENV_VAR, "3")
     assert lanes.count(8) == 3
-    assert lanes.describe() == "3 (LORAPIPE_CPU_LANES)"
+    assert lanes.describe() == "3 (set by LORAPIPE_CPU_LANES)"
     monkeypatch.delenv(lanes.BFS_WIDTH_VAR, raising=False)
     lanes.prepare(1)  # one lane: MLX's own eval order
     assert lanes.BFS_WIDTH_VAR not in os.environ

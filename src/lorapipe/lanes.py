@@ -99,13 +99,17 @@ def all_blas_threads(threads: int | None) -> Iterator[None]:
         runtime.set_blas_threads(1)
 
 
+def origin() -> str:
+    """Where the count comes from, for the train log and `lorapipe doctor`."""
+    if os.environ.get(ENV_VAR, "").strip():
+        return f"set by {ENV_VAR}"
+    return f"one per BLAS thread; {ENV_VAR}=1: one stream"
+
+
 def describe() -> str:
     """What `lorapipe doctor` prints on MLX's CPU backend."""
     try:
         requested = _requested()
     except LanesError as exc:
         return str(exc)
-    if requested is not None:
-        return f"{requested} ({ENV_VAR})"
-    threads = runtime.blas_info().threads or 1
-    return f"{threads}, one per BLAS thread ({ENV_VAR}=1: none)"
+    return f"{requested or runtime.blas_info().threads or 1} ({origin()})"

@@ -151,7 +151,7 @@ def main(params: Params) -> None:
     )
     tracker.replay(state.history)
     if lane_count > 1:
-        tracker.say(f"cpu: each step's rows on {lane_count} lanes ({lanes.describe()})")
+        tracker.say(f"cpu: each step's rows on {lane_count} lanes ({lanes.origin()})")
     if train.grad_checkpoint != "auto" and train.grad_checkpoint > len(model.layers):
         raise TrainError(
             f"train.grad_checkpoint: {train.grad_checkpoint} but the model has "
