@@ -128,10 +128,11 @@ def test_one_blas_thread_while_lanes_run_and_all_of_them_between_steps() -> None
     before = runtime.blas_info().threads
     if before is None:
         pytest.skip("this BLAS does not tell its thread count")
-    with lanes.one_blas_thread() as threads:
-        assert threads == before
+    with lanes.blas_threads(1):
         assert runtime.blas_info().threads == 1
-        with lanes.all_blas_threads(threads):
+        with lanes.blas_threads(before):  # validation, between steps
             assert runtime.blas_info().threads == before
         assert runtime.blas_info().threads == 1
+        with lanes.blas_threads(None):
+            assert runtime.blas_info().threads == 1
     assert runtime.blas_info().threads == before

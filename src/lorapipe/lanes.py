@@ -13,7 +13,7 @@ Two process-wide settings make lanes run side by side:
   depth-first, and queues at most 10 operations ahead of the threads running them: one
   lane's whole backward pass would be queued before the other's, and the lanes would take turns.
   `prepare` widens it; MLX reads it once, at the process's first `eval`.
-- The BLAS runs each call on one thread while lanes run (`one_blas_thread`), else two lanes'
+- The BLAS runs each call on one thread while lanes run (`blas_threads`), else two lanes'
   products would each ask for every core.
 
 Where MLX computes on the CPU, `LORAPIPE_CPU_LANES` sets the count (1: no lanes); by default it
@@ -71,32 +71,17 @@ def prepare(lanes: int) -> None:
 
 
 @contextlib.contextmanager
-def one_blas_thread() -> Iterator[int | None]:
-    """Inside, the BLAS serving MLX runs each call on one thread (OpenBLAS, MKL); yields the
-    thread count it had (restored on leaving; `all_blas_threads` gives it back in between), or
-    None where the BLAS cannot be told."""
-    threads = runtime.blas_info().threads
-    if threads is None or not runtime.set_blas_threads(1):
-        yield None
-        return
-    try:
-        yield threads
-    finally:
-        runtime.set_blas_threads(threads)
-
-
-@contextlib.contextmanager
-def all_blas_threads(threads: int | None) -> Iterator[None]:
-    """Inside `one_blas_thread`, the BLAS runs on the `threads` it yielded again: for work
-    between steps that runs without lanes (the validation loss); None changes nothing."""
-    if threads is None:
+def blas_threads(count: int | None) -> Iterator[None]:
+    """Inside, the BLAS serving MLX runs each call on `count` threads (OpenBLAS, MKL), then on
+    as many as before; None, or a BLAS that cannot be told, changes nothing."""
+    previous = None if count is None else runtime.blas_info().threads
+    if count is None or previous is None or not runtime.set_blas_threads(count):
         yield
         return
-    runtime.set_blas_threads(threads)
     try:
         yield
     finally:
-        runtime.set_blas_threads(1)
+        runtime.set_blas_threads(previous)
 
 
 def origin() -> str:

@@ -20,10 +20,11 @@ from functools import partial, reduce
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
+from lorapipe import runtime
 from lorapipe.batches import Batches, batch_order
 from lorapipe.checkpoints import WINDOW, LoopState, save_best, save_checkpoint
 from lorapipe.errors import LorapipeError
-from lorapipe.lanes import all_blas_threads, one_blas_thread
+from lorapipe.lanes import blas_threads
 from lorapipe.loss import dataset_loss, masked_loss
 from lorapipe.memory import memory_limit
 from lorapipe.params import LoraParams, TrainParams
@@ -241,7 +242,8 @@ class TrainingRun:
         device = mx.default_device()
         self.lane_streams = [mx.default_stream(device)]
         self.lane_streams += [mx.new_stream(device) for _ in range(lanes - 1)]
-        self.blas_threads: int | None = None  # the BLAS's own count while lanes hold it at one
+        # The BLAS's threads, for work between steps that runs without lanes (validation).
+        self.all_blas_threads = runtime.blas_info().threads if lanes > 1 else None
         self.step = self._compile_step()
         self.clock = time.perf_counter()
 
@@ -350,18 +352,10 @@ class TrainingRun:
             self.layout.state.update(layout)
             self.recompile()
 
-    @contextmanager
-    def on_lanes(self) -> Iterator[None]:
-        """While steps run on lanes, the BLAS runs each call on one thread (lorapipe.lanes);
-        `evaluate` gives it all of them back. Nested uses change nothing."""
-        if self.lanes == 1 or self.blas_threads is not None:
-            yield
-            return
-        with one_blas_thread() as self.blas_threads:
-            try:
-                yield
-            finally:
-                self.blas_threads = None
+    def on_lanes(self) -> Any:
+        """A context in which steps run: on lanes, the BLAS runs each call on one thread
+        (lorapipe.lanes); `evaluate` gives it all of them back."""
+        return blas_threads(1 if self.lanes > 1 else None)
 
     def launch(self, number: int, previous: Any, batch: int | None = None) -> Queued:
         """Queue step `number` (0-based) on the device and return at once (on `batch` rather
@@ -436,7 +430,7 @@ class TrainingRun:
         """Validation loss, the best adapter so far; True when early stopping's patience is out."""
         state, train = self.state, self.train
         self.model.eval()
-        with all_blas_threads(self.blas_threads):
+        with blas_threads(self.all_blas_threads):
             val_loss = dataset_loss(self.model, self.valid_batches, train.val_batches, self.world)
         self.model.train()
         record = {"step": state.step, "val_loss": val_loss}
