@@ -13,6 +13,10 @@ loss+lorapipe   what the eval stage ran before: the test loss in its own pass ov
                 `generate_batch` without references.
 lorapipe        `lorapipe.decode.generate_batch` without references: plain batched decoding with
                 `eval.batch_size` prompts at a time (what the eval stage ran before, loss aside).
+                These three run on as many lanes as the eval stage would (`lorapipe.lanes`: on
+                the CPU, the prompts' prefill split over one MLX stream per BLAS thread).
+eval-one-lane,  the same two on one lane (one stream, the BLAS on all its threads).
+lorapipe-one-lane
 eval-mlx-exp,   the same two with MLX's own exp (LORAPIPE_CPU_EXP=mlx): on an x86-64 CPU the
 lorapipe-mlx-exp  others compute exp as a power of two in swiglu, attention and the loss, as
                 the eval stage does (`lorapipe.cpu_exp`); elsewhere they are the same.
@@ -106,8 +110,10 @@ def lorapipe_decode(
     budgets: list[int],
     size: int,
     rows: list[dict[str, Any]] | None = None,
+    lanes: int = 1,
 ):
-    """generate_batch; with `rows`, given their references (the eval stage's way)."""
+    """generate_batch on `lanes` lanes; with `rows`, given their references (the eval stage's
+    way)."""
     from lorapipe.decode import generate_batch
     from lorapipe.stages.eval import reference_tokens
 
@@ -118,7 +124,7 @@ def lorapipe_decode(
             [reference_tokens(tokenizer, row, prompt)]
             for row, prompt in zip(rows, prompts, strict=True)
         ]
-    generation = generate_batch(model, tokenizer, prompts, budgets, size, references)
+    generation = generate_batch(model, tokenizer, prompts, budgets, size, references, lanes)
     if rows is not None:
         print(f"eval: {generation.verified} of {len(prompts)} answers confirmed", flush=True)
     return generation.tokens, time.perf_counter() - tic, generation.texts
@@ -199,11 +205,13 @@ def main() -> None:
     runtime.setup()
     import mlx.core as mx
 
-    from lorapipe import cpu_exp
+    from lorapipe import cpu_exp, lanes
     from lorapipe.params import load_params
 
     params = load_params(ROOT / "params.yaml")
     size = args.batch_size or params.eval.batch_size
+    lane_count = lanes.count(size)  # as the eval stage counts them
+    lanes.prepare(max(lane_count, 2))  # before the first eval; one lane is the same either way
     split, count = CASES[args.case]
     model, tokenizer = load(Path(args.model), args.random_weights)
     rows, prompts, budgets = workload(
@@ -219,11 +227,11 @@ def main() -> None:
 
         return wrapped
 
-    def evaluation() -> Any:
-        return lorapipe_decode(model, tokenizer, prompts, budgets, size, rows)
+    def evaluation(lanes: int = lane_count) -> Any:
+        return lorapipe_decode(model, tokenizer, prompts, budgets, size, rows, lanes)
 
-    def decoding() -> Any:
-        return lorapipe_decode(model, tokenizer, prompts, budgets, size)
+    def decoding(lanes: int = lane_count) -> Any:
+        return lorapipe_decode(model, tokenizer, prompts, budgets, size, None, lanes)
 
     modes = {
         "eval": under(cpu_exp.installed, evaluation),
@@ -234,6 +242,8 @@ def main() -> None:
             ),
         ),
         "lorapipe": under(cpu_exp.installed, decoding),
+        "eval-one-lane": under(cpu_exp.installed, lambda: evaluation(1)),
+        "lorapipe-one-lane": under(cpu_exp.installed, lambda: decoding(1)),
         "eval-mlx-exp": under(cpu_exp.mlx_exp, evaluation),
         "lorapipe-mlx-exp": under(cpu_exp.mlx_exp, decoding),
         "batch_generate": lambda: batched(
@@ -243,7 +253,7 @@ def main() -> None:
     }
     modes = {name: modes[name] for name in args.modes.split(",")}
     with cpu_exp.installed():  # warm-up: kernels, caches
-        lorapipe_decode(model, tokenizer, prompts[:4], budgets[:4], size)
+        lorapipe_decode(model, tokenizer, prompts[:4], budgets[:4], size, None, lane_count)
     batched(model, tokenizer, prompts[:4], budgets[:4], size)
 
     runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}

@@ -11,7 +11,9 @@ import pytest
 from lorapipe.decode import generate_batch
 
 
-def test_same_texts_as_batch_generate(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("lanes", [1, 2, 3])
+def test_same_texts_as_batch_generate(tiny_model_dir: Path, lanes: int) -> None:
+    """On any number of lanes (the rows shared over MLX streams: lorapipe.lanes)."""
     import mlx.core as mx
     from mlx_lm.generate import batch_generate
     from mlx_lm.utils import load
@@ -33,7 +35,7 @@ def test_same_texts_as_batch_generate(tiny_model_dir: Path) -> None:
     }
 
     expected = batch_generate(model, tokenizer, prompts, max_tokens=budgets, return_token_ids=True)
-    generation = generate_batch(model, tokenizer, prompts, budgets, batch_size=4)
+    generation = generate_batch(model, tokenizer, prompts, budgets, batch_size=4, lanes=lanes)
 
     assert generation.texts == expected.texts
     assert generation.tokens == expected.stats.generation_tokens
@@ -45,10 +47,11 @@ def test_same_texts_as_batch_generate(tiny_model_dir: Path) -> None:
     mx.clear_cache()
 
 
-def test_references_are_scored_and_confirm_greedy_answers(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_references_are_scored_and_confirm_greedy_answers(tiny_model_dir: Path, lanes: int) -> None:
     """Eval's path: each reference's loss through the prompt's KV cache equals the plain
     forward pass's, and a reference that is the greedy answer spares decoding it, with the
-    same texts as decoding every row."""
+    same texts as decoding every row (on one lane or two)."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx_lm.generate import batch_generate
@@ -73,7 +76,9 @@ def test_references_are_scored_and_confirm_greedy_answers(tiny_model_dir: Path) 
         [wrong[i], right[i]] if i < 3 else [right[i] if i % 2 else wrong[i]] for i in range(9)
     ]
 
-    got = generate_batch(model, tokenizer, prompts, budgets, batch_size=4, references=references)
+    got = generate_batch(
+        model, tokenizer, prompts, budgets, batch_size=4, references=references, lanes=lanes
+    )
 
     assert got.texts == expected.texts and got.tokens == expected.tokens
     # Confirmed: rows 0-2 (by their second reference) and the odd rows with the right one,

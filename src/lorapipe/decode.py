@@ -13,7 +13,12 @@ step, argmax), arranged for throughput on the CPU, where the figures in bench/RE
 - finished rows leave the batch only when that saves more than the copy of the KV cache costs
   (mlx-lm copies the whole cache each time any row finishes: about one decoding step each);
 - the next step is queued before this step's tokens are read, so Python's bookkeeping overlaps
-  the model's work.
+  the model's work;
+- with lanes (`lorapipe.lanes`, on the CPU: one per BLAS thread), each group's rows are shared
+  out in consecutive shares, and each share's prefill, references and decoding run on a stream
+  of its own with a KV cache of its own and a one-thread BLAS, so that the work between the
+  matmuls runs on every core. Rows never meet in a forward pass (each is masked to its own
+  tokens), so the outputs do not depend on the count.
 
 With `references` (eval's reference answers), the batch also scores them: after the prompts'
 prefill, each reference is fed through the KV cache in one teacher-forced pass, which gives its
@@ -26,9 +31,10 @@ The cache is trimmed back to the prompts after each pass, and only the other row
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 # Padded prompt tokens per prefill forward pass: enough rows for the BLAS to run near its peak,
 # while the attention scores of a group (rows x heads x length^2 floats) stay ~100 MB or less.
@@ -58,6 +64,7 @@ def generate_batch(
     max_tokens: list[int],
     batch_size: int,
     references: list[list[list[int]]] | None = None,
+    lanes: int = 1,
 ) -> Generation:
     """Greedy completions of `prompts` (token ids), each up to its `max_tokens` or an EOS token,
     at most `batch_size` at a time. `references`, if given, holds each prompt's reference
@@ -88,6 +95,7 @@ def generate_batch(
             [max_tokens[i] for i in rows],
             eos,
             [refs[i] for i in rows],
+            lanes,
         )
         verified += confirmed
         for row, output, loss in zip(rows, outputs, scored, strict=True):
@@ -104,61 +112,112 @@ def _decode(
     budgets: list[int],
     eos: set[int],
     references: list[list[list[int]]],
+    lanes: int,
 ) -> tuple[list[list[int]], list[list[tuple[float, int]]], int]:
     """Greedy decoding of one batch of length-sorted prompts: each row's tokens, up to its
     budget or an EOS token (kept as the last); each reference's loss; how many rows a reference
-    answered."""
+    answered. With lanes, the rows left to decode are shared out and each share decodes on its
+    own stream (its own KV cache), all shares' steps queued together."""
     import mlx.core as mx
 
-    cache, outputs, losses = _prefill(model, prompts, references, budgets, eos)
+    from lorapipe.lanes import blas_threads
+
+    cache, outputs, losses = _prefill(model, prompts, references, budgets, eos, lanes)
     rows = [r for r in range(len(prompts)) if not outputs[r]]  # batch position -> prompt index
     verified = len(prompts) - len(rows)
     if not rows:
         return outputs, losses, verified
-    if verified:
-        for layer in cache:
-            layer.filter(rows)
+    running = [
+        _Lane(model, [rows[i] for i in share], _rows_of(cache, share, rows, len(prompts)), stream)
+        for share, stream in _lanes(len(rows), lanes)
+    ]
+    del cache  # each lane holds its rows' copy (or, with one lane, the cache itself)
 
-    def step(tokens: mx.array) -> mx.array:
-        return mx.argmax(model(tokens[:, None], cache=cache)[:, -1, :], axis=-1)
+    def done(row: int) -> bool:
+        return _done(outputs[row], budgets[row], eos)
 
-    queued = step(mx.array([prompts[r][-1] for r in rows]))
-    mx.async_eval(queued)
-    finished = 0
-    while rows:
-        current = queued
-        left = max(budgets[r] - len(outputs[r]) for r in rows) - 1
-        if left > 0:  # queue the next step before reading this one
-            queued = step(current)
-            mx.async_eval(queued)
-        for row, token in zip(rows, current.tolist(), strict=True):
-            if _done(outputs[row], budgets[row], eos):
-                continue  # finished earlier, still in the batch
-            outputs[row].append(token)
-            finished += _done(outputs[row], budgets[row], eos)
-        if finished == len(rows) or left <= 0:
-            break
-        if finished / len(rows) * left > DROP_WHEN_SAVING:
-            keep = [i for i, r in enumerate(rows) if not _done(outputs[r], budgets[r], eos)]
-            for layer in cache:
-                layer.filter(keep)
-            queued = queued[mx.array(keep)]
-            rows = [rows[i] for i in keep]
-            finished = 0
+    with blas_threads(1 if len(running) > 1 else None):
+        for lane in running:
+            lane.queue(mx.array([prompts[r][-1] for r in lane.rows]))
+        mx.async_eval([lane.queued for lane in running])
+        while running:
+            current = [lane.queued for lane in running]
+            left = [max(budgets[r] - len(outputs[r]) for r in lane.rows) - 1 for lane in running]
+            ahead = []  # queue the next steps before reading these
+            for lane, tokens, steps in zip(running, current, left, strict=True):
+                if steps > 0:
+                    lane.queue(tokens)
+                    ahead.append(lane.queued)
+            mx.async_eval(ahead)
+            still = []
+            for lane, tokens, steps in zip(running, current, left, strict=True):
+                for row, token in zip(lane.rows, tokens.tolist(), strict=True):
+                    if done(row):
+                        continue  # finished earlier, still in the batch
+                    outputs[row].append(token)
+                    lane.finished += done(row)
+                if lane.finished == len(lane.rows) or steps <= 0:
+                    continue
+                if lane.finished / len(lane.rows) * steps > DROP_WHEN_SAVING:
+                    lane.keep([i for i, r in enumerate(lane.rows) if not done(r)])
+                still.append(lane)
+            running = still
     return outputs, losses, verified
+
+
+class _Lane:
+    """Rows decoding together on one stream: their prompt indices, their KV cache (one
+    BatchKVCache a layer) and their next step's tokens, queued."""
+
+    def __init__(self, model: Any, rows: list[int], cache: list[Any], stream: Any) -> None:
+        self.model, self.rows, self.cache, self.stream = model, rows, cache, stream
+        self.queued: Any = None
+        self.finished = 0  # rows done but still in the batch
+
+    def queue(self, tokens: Any) -> None:
+        """The greedy next tokens after `tokens` (one a row)."""
+        import mlx.core as mx
+
+        with mx.stream(self.stream):
+            logits = self.model(tokens[:, None], cache=self.cache)[:, -1, :]
+            self.queued = mx.argmax(logits, axis=-1)
+
+    def keep(self, positions: list[int]) -> None:
+        """Only the rows at these positions (dropping finished rows copies the KV cache)."""
+        import mlx.core as mx
+
+        for layer in self.cache:
+            layer.filter(positions)
+        self.queued = self.queued[mx.array(positions)]
+        self.rows = [self.rows[i] for i in positions]
+        self.finished = 0
+
+
+def _rows_of(cache: list[Any], share: Any, rows: list[int], size: int) -> list[Any]:
+    """The KV cache of a lane's `share` of the rows left to decode (batch positions `rows` of
+    `size`): the cache itself where that is all of it, else a copy of those rows' (filtering
+    makes new arrays, and leaves the cache as it was)."""
+    positions = [rows[i] for i in share]
+    if positions == list(range(size)):
+        return cache
+    subset = [copy.copy(layer) for layer in cache]
+    for layer in subset:
+        layer.filter(positions)
+    return subset
 
 
 def _teacher_force(
     model: Any,
-    cache: list[Any],
+    shares: list[_Share],
     prompts: list[list[int]],
     references: list[list[list[int]]],
     budgets: list[int],
     eos: set[int],
 ) -> tuple[list[list[int]], list[list[tuple[float, int]]]]:
-    """Each row's references through its prefilled `cache` (one pass per reference index, the
-    cache trimmed back after each). Returns each row's greedy answer where a reference spells
-    it out (else []), and each reference's summed cross-entropy and token count."""
+    """Each row's references through its prefilled cache (one pass per reference index, the
+    cache trimmed back after each; each lane's share of the rows on its stream). Returns each
+    row's greedy answer where a reference spells it out (else []), and each reference's summed
+    cross-entropy and token count."""
     import mlx.core as mx
     import numpy as np
 
@@ -184,21 +243,32 @@ def _teacher_force(
         choices = np.zeros((len(refs), width), np.int64)
         step = max(1, TEACHER_TOKENS // len(refs))
         for start in range(0, width, step):
-            window = real[:, start : start + step]
-            where = np.flatnonzero(window)
-            with logits_at(model, mx.array(where.astype(np.int32))):
-                logits = model(mx.array(inputs[:, start : start + step]), cache=cache)
-            if logits.ndim == 3:  # a model logits_at does not know: all of them
-                logits = logits.reshape(-1, logits.shape[-1])[mx.array(where)]
-            targets = mx.array(labels[:, start : start + step].reshape(-1)[where])
-            ce = cpu_exp.cross_entropy(logits, targets).astype(mx.float32)
-            greedy = mx.argmax(logits, axis=-1)
-            mx.eval(ce, greedy)
-            rows, columns = np.nonzero(window)
-            np.add.at(summed, rows, np.array(ce))
-            choices[rows, start + columns] = np.array(greedy)
-        for layer in cache:
-            layer.trim(width)
+            passes = []
+            for rows, cache, stream in shares:
+                window = real[rows, start : start + step]
+                where = np.flatnonzero(window)
+                with mx.stream(stream), logits_at(model, mx.array(where.astype(np.int32))):
+                    logits = model(mx.array(inputs[rows, start : start + step]), cache=cache)
+                if logits.ndim == 3:  # a model logits_at does not know: all of them
+                    logits = logits.reshape(-1, logits.shape[-1])[mx.array(where)]
+                if not len(where):  # no reference token of this share here: the cache only
+                    passes.append((rows, window, logits, logits))
+                    continue
+                with mx.stream(stream):
+                    targets = mx.array(labels[rows, start : start + step].reshape(-1)[where])
+                    ce = cpu_exp.cross_entropy(logits, targets).astype(mx.float32)
+                    greedy = mx.argmax(logits, axis=-1)
+                passes.append((rows, window, ce, greedy))
+            mx.eval([(ce, greedy) for _, _, ce, greedy in passes])
+            for rows, window, ce, greedy in passes:
+                if not window.any():
+                    continue
+                positions, columns = np.nonzero(window)
+                np.add.at(summed, rows[positions], np.array(ce))
+                choices[rows[positions], start + columns] = np.array(greedy)
+        for share in shares:
+            for layer in share.cache:
+                layer.trim(width)
         for b, ref in enumerate(refs):
             if not ref:
                 continue
@@ -232,6 +302,7 @@ def _prefill(
     references: list[list[list[int]]],
     budgets: list[int],
     eos: set[int],
+    lanes: int,
 ) -> tuple[list[Any], list[list[int]], list[list[tuple[float, int]]]]:
     """The batch's KV cache after all but the prompts' last tokens, left-padded (BatchKVCache
     masks the padding and starts each row's positions at 0), in groups of about PREFILL_TOKENS.
@@ -239,7 +310,8 @@ def _prefill(
     padding, and few rows a pass): the rows' greedy answers that a reference gave, and the
     references' losses (_teacher_force)."""
     import mlx.core as mx
-    from mlx_lm.models.cache import BatchKVCache
+
+    from lorapipe.lanes import blas_threads
 
     cache: list[Any] | None = None
     answers: list[list[int]] = []
@@ -249,26 +321,63 @@ def _prefill(
         end = start + 1  # prompts are sorted by length: the group's last is its longest
         while end < len(prompts) and (end + 1 - start) * (len(prompts[end]) - 1) <= PREFILL_TOKENS:
             end += 1
-        group = [p[:-1] for p in prompts[start:end]]
-        width = len(group[-1])
-        padding = [width - len(p) for p in group]
-        part = [BatchKVCache(padding) for _ in model.layers]
-        if width:
-            model(
-                mx.array([[0] * pad + p for pad, p in zip(padding, group, strict=True)]), cache=part
+        with blas_threads(1 if min(lanes, end - start) > 1 else None):
+            shares = _prefill_group(model, [p[:-1] for p in prompts[start:end]], lanes)
+            scored = _teacher_force(
+                model, shares, prompts[start:end], references[start:end], budgets[start:end], eos
             )
-            mx.eval([c.state for c in part])
-        scored = _teacher_force(
-            model, part, prompts[start:end], references[start:end], budgets[start:end], eos
-        )
         answers += scored[0]
         losses += scored[1]
-        if cache is None:
-            cache = part
-        else:
-            for whole, piece in zip(cache, part, strict=True):
-                whole.extend(piece)
+        for _, part, _ in shares:  # the batch's cache, rows in order
+            if cache is None:
+                cache = part
+            else:
+                for whole, piece in zip(cache, part, strict=True):
+                    whole.extend(piece)
         mx.clear_cache()
         start = end
     assert cache is not None
     return cache, answers, losses
+
+
+def _prefill_group(model: Any, group: list[list[int]], lanes: int) -> list[_Share]:
+    """The KV cache of a group of length-sorted prompt prefixes, in consecutive shares of its
+    rows, one a lane: each share's prefill on its lane's stream (lorapipe.lanes: on the CPU the
+    work between the matmuls runs on one core a stream), padded only to its own longest row.
+    The caller holds the BLAS to one thread where there are several lanes."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import BatchKVCache
+
+    shares = []
+    for rows, stream in _lanes(len(group), lanes):
+        prefixes = [group[i] for i in rows]
+        width = len(prefixes[-1])
+        padding = [width - len(p) for p in prefixes]
+        cache = [BatchKVCache(padding) for _ in model.layers]
+        if width:
+            with mx.stream(stream):
+                padded = [[0] * pad + p for pad, p in zip(padding, prefixes, strict=True)]
+                model(mx.array(padded), cache=cache)
+        shares.append(_Share(rows, cache, stream))
+    mx.eval([layer.state for share in shares for layer in share.cache if layer.keys is not None])
+    return shares
+
+
+class _Share(NamedTuple):
+    """A lane's rows of a batch (their positions, consecutive), their KV cache (one BatchKVCache
+    a layer), and the lane's stream."""
+
+    rows: Any  # numpy array of row positions
+    cache: list[Any]
+    stream: Any
+
+
+def _lanes(rows: int, lanes: int) -> list[tuple[Any, Any]]:
+    """`rows` rows in near-equal consecutive shares, one a lane (never an empty one), each with
+    its stream."""
+    import numpy as np
+
+    from lorapipe.lanes import streams
+
+    shares = [s for s in np.array_split(np.arange(rows), lanes) if len(s)]
+    return list(zip(shares, streams(len(shares)), strict=True))

@@ -1,4 +1,5 @@
-"""Lanes: a training step's rows split over MLX streams on the CPU, one lane per core.
+"""Lanes: a batch's rows split over MLX streams on the CPU, one lane per core, in training
+steps and in eval's prefill and decoding (lorapipe.decode).
 
 On MLX's CPU backend a stream runs one operation at a time on one thread. The BLAS spreads each
 matrix product over the cores, but everything between the products (norms, RoPE, softmax,
@@ -7,6 +8,8 @@ wait. With lanes, each lane computes the loss and gradient of its share of a bat
 stream of its own, with a one-thread BLAS, so every core does both kinds of work. The lanes'
 losses and gradients are weighed by their learned tokens: a step computes the batch's mean, as
 one lane does, up to float rounding (the trainer combines them; `Batches.split` cuts the rows).
+In eval each lane prefills and decodes its share of the prompts with a KV cache of its own: rows
+never meet in a forward pass, so the outputs are the same on any count.
 
 Two process-wide settings make lanes run side by side:
 - MLX's `eval` lists its work breadth-first only `MLX_BFS_MAX_WIDTH` arrays wide (20), then
@@ -17,7 +20,7 @@ Two process-wide settings make lanes run side by side:
   products would each ask for every core.
 
 Where MLX computes on the CPU, `LORAPIPE_CPU_LANES` sets the count (1: no lanes); by default it
-is the BLAS's thread count. On a GPU there is one lane (a GPU runs a step's work side by side by
+is the BLAS's thread count. On a GPU there is one lane (a GPU runs a batch's work side by side by
 itself).
 """
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import Any
 
 from lorapipe import runtime
 from lorapipe.errors import LorapipeError
@@ -55,8 +59,8 @@ def _on_cpu() -> bool:
 
 
 def count(rows: int) -> int:
-    """How many lanes a step of `rows` rows (this process's share of a batch) runs on: never
-    more than its rows."""
+    """How many lanes a batch of `rows` rows (this process's share of it) runs on: never more
+    than its rows."""
     requested = _requested()
     if not _on_cpu():
         return 1
@@ -68,6 +72,20 @@ def prepare(lanes: int) -> None:
     reads the width once). A width the user set is kept; with one lane nothing changes."""
     if lanes > 1:
         os.environ.setdefault(BFS_WIDTH_VAR, WIDE)
+
+
+def streams(count: int) -> list[Any]:
+    """`count` streams on the default device: its default stream, then streams made once per
+    process and reused (by every training run and decoding batch that asks)."""
+    import mlx.core as mx
+
+    device = mx.default_device()
+    extra = _extra_streams.setdefault(str(device), [])
+    extra += [mx.new_stream(device) for _ in range(count - 1 - len(extra))]
+    return [mx.default_stream(device), *extra[: count - 1]]
+
+
+_extra_streams: dict[str, list[Any]] = {}
 
 
 @contextlib.contextmanager

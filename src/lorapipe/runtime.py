@@ -653,11 +653,7 @@ def describe() -> dict[str, str]:
         "default device": str(mx.default_device()),
         "blas": str(blas_info()),
         ENV_VAR: os.environ.get(ENV_VAR) or "auto (unset)",
-        **(
-            {"exp": cpu_exp.describe(), "training lanes": lanes.describe()}
-            if backend == "cpu"
-            else {}
-        ),
+        **({"exp": cpu_exp.describe(), "lanes": lanes.describe()} if backend == "cpu" else {}),
         **({"kernel cache": os.environ["MLX_PTX_CACHE_DIR"]} if backend == "cuda" else {}),
         **{name: version(name) for name in ("mlx-lm", "dvc", "dvclive", "transformers", "numpy")},
         "lorapipe": version("lorapipe"),

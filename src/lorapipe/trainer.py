@@ -24,7 +24,7 @@ from lorapipe import runtime
 from lorapipe.batches import Batches, batch_order
 from lorapipe.checkpoints import WINDOW, LoopState, save_best, save_checkpoint
 from lorapipe.errors import LorapipeError
-from lorapipe.lanes import blas_threads
+from lorapipe.lanes import blas_threads, streams
 from lorapipe.loss import dataset_loss, masked_loss
 from lorapipe.memory import memory_limit
 from lorapipe.params import LoraParams, TrainParams
@@ -239,9 +239,7 @@ class TrainingRun:
         # Lanes (lorapipe.lanes): each takes a share of every batch's rows, on its own stream.
         self.lanes = lanes
         self.lane_batches = train_batches.split(lanes) if lanes > 1 else [train_batches]
-        device = mx.default_device()
-        self.lane_streams = [mx.default_stream(device)]
-        self.lane_streams += [mx.new_stream(device) for _ in range(lanes - 1)]
+        self.lane_streams = streams(lanes)
         # The BLAS's threads, for work between steps that runs without lanes (validation).
         self.all_blas_threads = runtime.blas_info().threads if lanes > 1 else None
         self.step = self._compile_step()

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lorapipe import lanes
 from lorapipe.artifacts import chat_prompt, load_folder, require_folder
 from lorapipe.errors import LorapipeError
 from lorapipe.io import atomic_write_json, atomic_write_jsonl, read_jsonl
@@ -91,14 +92,19 @@ def reference_tokens(tokenizer: Any, row: dict[str, Any], prompt: list[int]) -> 
 
 
 def evaluate_model(
-    model: Any, tokenizer: Any, rows: list[dict[str, Any]], params: Params, world: Any = None
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    params: Params,
+    world: Any = None,
+    lane_count: int = 1,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """The model's loss on every row's answer, and one greedy generation per distinct prompt
     scored against its best-matching reference (the usual rule where a prompt has several
     answers, as in SciTLDR). One pass does both: the references are scored through the prompts'
     KV cache, which also confirms the rows whose greedy answer is their reference
-    (lorapipe.decode). With a distributed `world`, each process takes a share of the prompts;
-    every process returns the whole result."""
+    (lorapipe.decode), on `lane_count` lanes. With a distributed `world`, each process takes a share
+    of the prompts; every process returns the whole result."""
     import mlx.core as mx
 
     from lorapipe.decode import generate_batch
@@ -123,7 +129,7 @@ def evaluate_model(
         for i, prompt in zip(mine, prompts, strict=True)
     ]
     generation = generate_batch(
-        model, tokenizer, prompts, budgets, config.batch_size, references=answers
+        model, tokenizer, prompts, budgets, config.batch_size, references=answers, lanes=lane_count
     )
     seconds = time.perf_counter() - tic
     predictions = [text.strip() for text in generation.texts]
@@ -193,8 +199,12 @@ def main(params: Params, name: str, folder: str) -> None:
             f"has a {FIELD_SEPARATOR.strip()!r} field, so it only repeats exact_match: drop it "
             "from eval.metrics"
         )
+    lane_count = lanes.count(params.eval.batch_size)
+    lanes.prepare(lane_count)  # before the first eval: MLX reads the setting once
     model, tokenizer = load_folder(require_folder(params.paths, folder))
-    metrics, generations = evaluate_model(model, tokenizer, rows, params, world)
+    if speaks and lane_count > 1:
+        print(f"eval: prefill and decoding on {lane_count} lanes ({lanes.origin()})")
+    metrics, generations = evaluate_model(model, tokenizer, rows, params, world, lane_count)
     if not speaks:
         return
     print(f"eval: {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), flush=True)
