@@ -211,7 +211,9 @@ def main() -> None:
     params = load_params(ROOT / "params.yaml")
     size = args.batch_size or params.eval.batch_size
     lane_count = lanes.count(size)  # as the eval stage counts them
-    lanes.prepare(max(lane_count, 2))  # before the first eval; one lane is the same either way
+    # Before the first eval; MLX reads it once per process, so the one-lane modes run with the
+    # widened eval order too (where the eval stage on one lane would not widen it).
+    lanes.prepare(max(lane_count, 2))
     split, count = CASES[args.case]
     model, tokenizer = load(Path(args.model), args.random_weights)
     rows, prompts, budgets = workload(

@@ -17,8 +17,8 @@ step, argmax), arranged for throughput on the CPU, where the figures in bench/RE
 - with lanes (`lorapipe.lanes`, on the CPU: one per BLAS thread), each group's rows are shared
   out in consecutive shares, and each share's prefill, references and decoding run on a stream
   of its own with a KV cache of its own and a one-thread BLAS, so that the work between the
-  matmuls runs on every core. Rows never meet in a forward pass (each is masked to its own
-  tokens), so the outputs do not depend on the count.
+  matmuls runs on every core. Rows never meet in a forward pass (each attends to its own tokens
+  only), so the count changes the speed, not the outputs (identical in the tests and benchmarks).
 
 With `references` (eval's reference answers), the batch also scores them: after the prompts'
 prefill, each reference is fed through the KV cache in one teacher-forced pass, which gives its
@@ -321,8 +321,9 @@ def _prefill(
         end = start + 1  # prompts are sorted by length: the group's last is its longest
         while end < len(prompts) and (end + 1 - start) * (len(prompts[end]) - 1) <= PREFILL_TOKENS:
             end += 1
-        with blas_threads(1 if min(lanes, end - start) > 1 else None):
-            shares = _prefill_group(model, [p[:-1] for p in prompts[start:end]], lanes)
+        group_lanes = _lanes(end - start, lanes)
+        with blas_threads(1 if len(group_lanes) > 1 else None):
+            shares = _prefill_group(model, [p[:-1] for p in prompts[start:end]], group_lanes)
             scored = _teacher_force(
                 model, shares, prompts[start:end], references[start:end], budgets[start:end], eos
             )
@@ -340,16 +341,19 @@ def _prefill(
     return cache, answers, losses
 
 
-def _prefill_group(model: Any, group: list[list[int]], lanes: int) -> list[_Share]:
-    """The KV cache of a group of length-sorted prompt prefixes, in consecutive shares of its
-    rows, one a lane: each share's prefill on its lane's stream (lorapipe.lanes: on the CPU the
-    work between the matmuls runs on one core a stream), padded only to its own longest row.
-    The caller holds the BLAS to one thread where there are several lanes."""
+def _prefill_group(
+    model: Any, group: list[list[int]], lanes: list[tuple[Any, Any]]
+) -> list[_Share]:
+    """The KV cache of a group of length-sorted prompt prefixes, in the consecutive shares of its
+    rows that `lanes` (`_lanes`) gives: each share's prefill on its lane's stream
+    (lorapipe.lanes: on the CPU the work between the matmuls runs on one core a stream), padded
+    only to its own longest row. The caller holds the BLAS to one thread where there are several
+    lanes."""
     import mlx.core as mx
     from mlx_lm.models.cache import BatchKVCache
 
     shares = []
-    for rows, stream in _lanes(len(group), lanes):
+    for rows, stream in lanes:
         prefixes = [group[i] for i in rows]
         width = len(prefixes[-1])
         padding = [width - len(p) for p in prefixes]

@@ -9,7 +9,7 @@ stream of its own, with a one-thread BLAS, so every core does both kinds of work
 losses and gradients are weighed by their learned tokens: a step computes the batch's mean, as
 one lane does, up to float rounding (the trainer combines them; `Batches.split` cuts the rows).
 In eval each lane prefills and decodes its share of the prompts with a KV cache of its own: rows
-never meet in a forward pass, so the outputs are the same on any count.
+never meet in a forward pass, so the count changes the speed, not the outputs.
 
 Two process-wide settings make lanes run side by side:
 - MLX's `eval` lists its work breadth-first only `MLX_BFS_MAX_WIDTH` arrays wide (20), then
@@ -61,10 +61,13 @@ def _on_cpu() -> bool:
 def count(rows: int) -> int:
     """How many lanes a batch of `rows` rows (this process's share of it) runs on: never more
     than its rows."""
-    requested = _requested()
-    if not _on_cpu():
-        return 1
-    return max(1, min(requested or runtime.blas_info().threads or 1, rows))
+    requested = _requested()  # checked on a GPU too: a bad value is an error everywhere
+    return max(1, min(_chosen(requested), rows)) if _on_cpu() else 1
+
+
+def _chosen(requested: int | None) -> int:
+    """The count on the CPU: the one requested, else one per BLAS thread."""
+    return requested or runtime.blas_info().threads or 1
 
 
 def prepare(lanes: int) -> None:
@@ -115,4 +118,4 @@ def describe() -> str:
         requested = _requested()
     except LanesError as exc:
         return str(exc)
-    return f"{requested or runtime.blas_info().threads or 1} ({origin()})"
+    return f"{_chosen(requested)} ({origin()})"

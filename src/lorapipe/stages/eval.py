@@ -103,8 +103,8 @@ def evaluate_model(
     scored against its best-matching reference (the usual rule where a prompt has several
     answers, as in SciTLDR). One pass does both: the references are scored through the prompts'
     KV cache, which also confirms the rows whose greedy answer is their reference
-    (lorapipe.decode), on `lane_count` lanes. With a distributed `world`, each process takes a share
-    of the prompts; every process returns the whole result."""
+    (lorapipe.decode), on `lane_count` lanes. With a distributed `world`, each process takes a
+    share of the prompts; every process returns the whole result."""
     import mlx.core as mx
 
     from lorapipe.decode import generate_batch
