@@ -60,6 +60,7 @@ def test_the_functions_give_mlx_s_values_and_gradients() -> None:
         (6, 2, 5, 12, "causal"),  # a prompt's tail after 7 cached tokens
         (6, 2, 5, 12, "bool"),  # padded rows: every key masked in row 0
         (6, 2, 5, 12, "additive"),
+        (6, 2, 5, 12, "per-head"),  # a boolean mask of its own for each query head
     ],
 )
 def test_attention_is_mlx_s_with_each_kind_of_mask(
@@ -78,6 +79,8 @@ def test_attention_is_mlx_s_with_each_kind_of_mask(
         given[0] = False
     elif mask == "additive":
         given = mx.random.normal((2, 1, length, keys))
+    elif mask == "per-head":
+        given = mx.random.uniform(shape=(2, heads, length, keys)) > 0.3
     weights = mx.random.normal((2, heads, length, 16))
 
     def run(attention: Any) -> tuple[Any, Any]:
