@@ -17,6 +17,8 @@ lorapipe        `lorapipe.decode.generate_batch` without references: plain batch
                 the CPU, the prompts' prefill split over one MLX stream per BLAS thread).
 eval-one-lane,  the same two on one lane (one stream, the BLAS on all its threads).
 lorapipe-one-lane
+lorapipe-each-row-prefix  `lorapipe` prefilling the tokens all prompts start with (a chat
+                template's system prompt) with every row, not once (`decode.SHARED_PREFIX_SAVING`).
 eval-mlx-exp,   the same two with MLX's own exp (LORAPIPE_CPU_EXP=mlx): on an x86-64 CPU the
 lorapipe-mlx-exp  others compute exp as a power of two in swiglu, attention and the loss, as
                 the eval stage does (`lorapipe.cpu_exp`); elsewhere they are the same.
@@ -38,6 +40,7 @@ EOS, so it generates each prompt's full budget in every mode.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -229,6 +232,19 @@ def main() -> None:
 
         return wrapped
 
+    @contextlib.contextmanager
+    def each_row_prefix() -> Any:
+        """lorapipe's decoder prefilling the prefix its prompts share with every row (as
+        before `SHARED_PREFIX_SAVING`)."""
+        from lorapipe import decode
+
+        saving, decode.SHARED_PREFIX_SAVING = decode.SHARED_PREFIX_SAVING, sys.maxsize
+        try:
+            with cpu_exp.installed():
+                yield
+        finally:
+            decode.SHARED_PREFIX_SAVING = saving
+
     def evaluation(lanes: int = lane_count) -> Any:
         return lorapipe_decode(model, tokenizer, prompts, budgets, size, rows, lanes)
 
@@ -244,6 +260,7 @@ def main() -> None:
             ),
         ),
         "lorapipe": under(cpu_exp.installed, decoding),
+        "lorapipe-each-row-prefix": under(each_row_prefix, decoding),
         "eval-one-lane": under(cpu_exp.installed, lambda: evaluation(1)),
         "lorapipe-one-lane": under(cpu_exp.installed, lambda: decoding(1)),
         "eval-mlx-exp": under(cpu_exp.mlx_exp, evaluation),

@@ -48,6 +48,43 @@ def test_same_texts_as_batch_generate(tiny_model_dir: Path, lanes: int) -> None:
 
 
 @pytest.mark.parametrize("lanes", [1, 2])
+def test_a_prefix_all_prompts_share_is_prefilled_once(
+    tiny_model_dir: Path, lanes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prompts that start alike (a chat template's system prompt): the shared tokens go through
+    the model once, and the texts are still batch_generate's, a prompt that is the shared
+    prefix and one token (nothing of its own to prefill) included."""
+    import mlx.core as mx
+    from mlx_lm.generate import batch_generate
+    from mlx_lm.utils import load
+
+    from lorapipe import decode
+
+    model, tokenizer = load(str(tiny_model_dir))[:2]
+    system = tokenizer.encode("you are a helpful assistant who answers in one short line")
+    question = tokenizer.encode("what is the capital of France and why is the sky blue at noon")
+    prompts = [system + question[: 1 + (5 * i) % len(question)] for i in range(7)]
+    prompts.append(system + tokenizer.encode("hi")[:1])
+    budgets = [8, 3, 8, 5, 8, 1, 8, 6]
+    monkeypatch.setattr(decode, "SHARED_PREFIX_SAVING", 8)  # the tiny case's shares are small
+    prefilled = []
+    original = decode._prefill_rows
+
+    def recording(model: object, prefixes: list[list[int]]) -> list[object]:
+        prefilled.append(decode._shared_length(prefixes))
+        return original(model, prefixes)
+
+    monkeypatch.setattr(decode, "_prefill_rows", recording)
+    generation = generate_batch(model, tokenizer, prompts, budgets, batch_size=8, lanes=lanes)
+    expected = batch_generate(model, tokenizer, prompts, max_tokens=budgets)
+
+    assert generation.texts == expected.texts
+    assert generation.tokens == expected.stats.generation_tokens
+    assert min(prefilled) >= len(system)  # every share started with the whole system prompt
+    mx.clear_cache()
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
 def test_references_are_scored_and_confirm_greedy_answers(tiny_model_dir: Path, lanes: int) -> None:
     """Eval's path: each reference's loss through the prompt's KV cache equals the plain
     forward pass's, and a reference that is the greedy answer spares decoding it, with the
