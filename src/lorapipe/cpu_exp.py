@@ -8,11 +8,12 @@ powf, 3. On two cores that was a third of a 135M model's forward pass (bench/REA
 on the x86 CPU").
 
 Here exp(x) is 2^(x log2 e) wherever the maths is ours to write: `swiglu` (silu's sigmoid),
-`attention` (mlx-lm's scaled_dot_product_attention composed as MLX's CPU path composes it,
-matmul, mask, softmax, matmul) and the loss's `logsumexp` / `cross_entropy`. Same values within
-float32 rounding (exp's relative error against float64 is 3.7e-6 either way on [-80, 80]).
-sigmoid, softmax and logsumexp keep MLX's backward passes: their gradients come from their
-outputs (logsumexp's recomputes exp, as MLX's does), so a training step keeps no more arrays.
+`attention` (mlx-lm's scaled_dot_product_attention as MLX's CPU path composes it, matmul, mask,
+softmax, matmul, but with a key/value head's query heads folded into one matrix) and the loss's
+`logsumexp` / `cross_entropy`. Same values within float32 rounding (exp's relative error against
+float64 is 3.7e-6 either way on [-80, 80]). sigmoid, softmax and logsumexp keep MLX's backward
+passes: their gradients come from their outputs (logsumexp's recomputes exp, as MLX's does), so
+a training step keeps no more arrays.
 
 Each function checks `applies(x)` when it is traced: float32 on MLX's CPU device on x86-64.
 Anything else (Metal, CUDA, Arm CPUs, float16 or bfloat16) runs MLX's own. `install()` puts
