@@ -191,7 +191,7 @@ def attention(
     elif mask is not None:
         scores = scores + mask
     probabilities = _fast().softmax(scores).reshape(batch, kv_heads, groups * length, seen)
-    return (probabilities @ values).reshape(batch, heads, length, dim)
+    return (probabilities @ values).reshape(batch, heads, length, -1)  # values may be wider
 
 
 @functools.cache
