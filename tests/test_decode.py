@@ -71,7 +71,7 @@ def test_a_prefix_all_prompts_share_is_prefilled_once(
     original = decode._prefill_rows
 
     def recording(model: object, prefixes: list[list[int]]) -> list[object]:
-        prefilled.append(decode._shared_length(prefixes))
+        prefilled.append((decode._shared_length(prefixes), len(prefixes)))
         return original(model, prefixes)
 
     monkeypatch.setattr(decode, "_prefill_rows", recording)
@@ -80,7 +80,9 @@ def test_a_prefix_all_prompts_share_is_prefilled_once(
 
     assert generation.texts == expected.texts
     assert generation.tokens == expected.stats.generation_tokens
-    assert min(prefilled) >= len(system)  # every share started with the whole system prompt
+    # every share started with the whole system prompt, and sent it through the model once
+    assert prefilled and all(shared >= len(system) for shared, _ in prefilled)
+    assert all(shared * (rows - 1) >= decode.SHARED_PREFIX_SAVING for shared, rows in prefilled)
     mx.clear_cache()
 
 

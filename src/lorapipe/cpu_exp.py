@@ -175,7 +175,7 @@ def attention(
     # broadcast of the keys: MLX's CPU matmul copies a broadcast operand whole (3x the cache a
     # layer at SmolLM2's 9/3 heads) and calls the BLAS once per (row, query head); folded, once
     # per (row, key/value head) on the cache as it is. A decoding step's attention at 128 rows
-    # takes 9 ms a layer where broadcasting took 13 and MLX's fused fallback 15 (bench/README.md).
+    # takes 9 ms a layer where broadcasting took 13 and MLX's own CPU path 15 (bench/README.md).
     queries = (queries * scale).reshape(batch, kv_heads, groups * length, dim)
     scores = (queries @ keys.swapaxes(-1, -2)).reshape(batch, kv_heads, groups, length, seen)
     if isinstance(mask, str):  # "causal": the queries are the last `length` positions

@@ -391,6 +391,7 @@ def _prefill_rows(model: Any, prefixes: list[list[int]]) -> list[Any]:
     model(mx.array([prefixes[0][:shared]]), cache=head)
     rows, own = len(prefixes), [p[shared:] for p in prefixes]
     width = max(len(p) for p in own)
+    padding = [width - len(p) for p in own]  # on the right
     cache = [BatchKVCache([0] * rows) for _ in model.layers]
     for layer, prefix in zip(cache, head, strict=True):
         keys, values = prefix.keys_and_values()
@@ -401,9 +402,9 @@ def _prefill_rows(model: Any, prefixes: list[list[int]]) -> list[Any]:
             mx.zeros((rows,), mx.int32),
             shared,
         )
-        layer.prepare(right_padding=[width - len(p) for p in own])
+        layer.prepare(right_padding=padding)
     if width:
-        model(mx.array([p + [0] * (width - len(p)) for p in own]), cache=cache)
+        model(mx.array([p + [0] * pad for p, pad in zip(own, padding, strict=True)]), cache=cache)
     for layer in cache:
         layer.finalize()
     return cache
