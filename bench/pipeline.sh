@@ -1,9 +1,11 @@
 #!/bin/sh
 # The main job's time per stage, from an empty cache: a fresh `git clone` of HEAD into DIR (a new
-# folder), then `dvc repro -s STAGE` for each stage in the pipeline's order, timed. The clone's
-# DVC cache starts empty, so nothing is restored from a cache; set-up (the environment) is
-# excluded: it uses this checkout's .venv (run scripts/pipeline.sh --dry or scripts/test.sh
-# once first).
+# folder), then `dvc repro -f -s STAGE` for each stage in the pipeline's order, timed. The
+# clone's DVC cache starts empty, so nothing is restored from a cache; -f because the metrics
+# files are in git: a stage whose inputs come out byte for byte as the committed dvc.lock records
+# them (eval@base, after the deterministic base import) would be skipped as up to date. Set-up
+# (the environment) is excluded: it uses this checkout's .venv (run scripts/pipeline.sh --dry or
+# scripts/test.sh once first).
 #
 #   sh bench/pipeline.sh /tmp/lorapipe-bench [bench/results/pipeline-cpu-stages.txt]
 set -eu
@@ -18,11 +20,11 @@ cd "$dir"
 # The stages in an order dvc.yaml allows (each after what it depends on).
 stages=$(dvc stage list --name-only)
 {
-  echo "# $(date -u +%F), $(uname -m), $(nproc) cores, $(git rev-parse --short HEAD); dvc repro -s STAGE (s)"
+  echo "# $(date -u +%F), $(uname -m), $(nproc) cores, $(git rev-parse --short HEAD); dvc repro -f -s STAGE (s)"
   total=0
   for stage in $stages; do
     t0=$(date +%s%N)
-    dvc repro -q -s "$stage" >/dev/null
+    dvc repro -q -f -s "$stage" >/dev/null
     ms=$(( ($(date +%s%N) - t0) / 1000000 ))
     total=$((total + ms))
     printf '%s %d.%d\n' "$stage" $((ms / 1000)) $((ms % 1000 / 100))

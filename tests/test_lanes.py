@@ -53,6 +53,33 @@ def test_split_cuts_every_batch_into_consecutive_rows_with_their_own_learned_pos
         batches.split(6)
 
 
+@pytest.mark.parametrize("lanes", [2, 3, 8])
+def test_dataset_loss_on_lanes_is_the_loss_of_one_lane(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, lanes: int
+) -> None:
+    """Validation's and quantize's loss with each batch's rows over lanes: one lane's loss to
+    float rounding, over all batches and over a spread sample; more lanes than a batch has rows
+    run as many lanes as it has."""
+    from lorapipe import lanes as lanes_module
+    from lorapipe.batches import make_batches
+    from lorapipe.loss import dataset_loss
+
+    asked: list[int] = []
+    streams = lanes_module.streams
+
+    def recording(count: int) -> Any:
+        asked.append(count)
+        return streams(count)
+
+    monkeypatch.setattr(lanes_module, "streams", recording)
+    model = lora_model(tiny_model_dir, "float32")
+    batches = make_batches(masked_rows(23, 2), 5)  # 4 batches of 5 rows
+    for max_batches in (-1, 2):
+        on_lanes = dataset_loss(model, batches, max_batches, lanes=lanes)
+        assert on_lanes == pytest.approx(dataset_loss(model, batches, max_batches), rel=1e-6)
+    assert set(asked) == {1, min(lanes, 5)}
+
+
 @pytest.mark.parametrize(("layout", "lanes"), [("ArrayByArray", 2), ("OneVector", 3)])
 def test_lanes_take_the_steps_of_one_lane(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str, lanes: int
@@ -118,7 +145,7 @@ def test_the_lane_count_follows_the_blas_and_the_environment(
         lanes.count(8)
 
 
-def test_one_blas_thread_while_lanes_run_and_all_of_them_between_steps() -> None:
+def test_one_blas_thread_while_lanes_run_and_the_count_restored_after() -> None:
     from lorapipe import lanes, runtime
 
     runtime.setup()
@@ -130,7 +157,7 @@ def test_one_blas_thread_while_lanes_run_and_all_of_them_between_steps() -> None
         pytest.skip("this BLAS does not tell its thread count")
     with lanes.blas_threads(1):
         assert runtime.blas_info().threads == 1
-        with lanes.blas_threads(before):  # validation, between steps
+        with lanes.blas_threads(before):  # nested: restored to the enclosing count
             assert runtime.blas_info().threads == before
         assert runtime.blas_info().threads == 1
         with lanes.blas_threads(None):

@@ -20,7 +20,6 @@ from functools import partial, reduce
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-from lorapipe import runtime
 from lorapipe.batches import Batches, batch_order
 from lorapipe.checkpoints import WINDOW, LoopState, save_best, save_checkpoint
 from lorapipe.errors import LorapipeError
@@ -240,8 +239,6 @@ class TrainingRun:
         self.lanes = lanes
         self.lane_batches = train_batches.split(lanes) if lanes > 1 else [train_batches]
         self.lane_streams = streams(lanes)
-        # The BLAS's threads, for work between steps that runs without lanes (validation).
-        self.all_blas_threads = runtime.blas_info().threads if lanes > 1 else None
         self.step = self._compile_step()
         self.clock = time.perf_counter()
 
@@ -351,8 +348,8 @@ class TrainingRun:
             self.recompile()
 
     def on_lanes(self) -> Any:
-        """A context in which steps run: on lanes, the BLAS runs each call on one thread
-        (lorapipe.lanes); `evaluate` gives it all of them back."""
+        """A context in which steps and validation run: on lanes, the BLAS runs each call on
+        one thread (lorapipe.lanes)."""
         return blas_threads(1 if self.lanes > 1 else None)
 
     def launch(self, number: int, previous: Any, batch: int | None = None) -> Queued:
@@ -428,8 +425,10 @@ class TrainingRun:
         """Validation loss, the best adapter so far; True when early stopping's patience is out."""
         state, train = self.state, self.train
         self.model.eval()
-        with blas_threads(self.all_blas_threads):
-            val_loss = dataset_loss(self.model, self.valid_batches, train.val_batches, self.world)
+        # On lanes as the steps run (validation batches have training's rows a process).
+        val_loss = dataset_loss(
+            self.model, self.valid_batches, train.val_batches, self.world, self.lanes
+        )
         self.model.train()
         record = {"step": state.step, "val_loss": val_loss}
         state.history.append(record)

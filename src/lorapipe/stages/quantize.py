@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lorapipe import lanes
 from lorapipe.artifacts import cpu_friendly, load_model
 from lorapipe.batches import encode, make_batches
 from lorapipe.io import atomic_dir, atomic_write_json, read_jsonl
@@ -22,19 +23,21 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def validation_loss(model: Any, tokenizer: Any, params: Params) -> float:
+def validation_loss(model: Any, tokenizer: Any, params: Params, lane_count: int) -> float:
     rows = [line.value for line in read_jsonl(Path(params.paths.sanitized) / "valid.jsonl")]
     examples = [encode(row, tokenizer, mask_prompt=True) for row in rows if row is not None]
     batches = make_batches(examples, min(params.train.batch_size, len(examples)))
-    return dataset_loss(model, batches, params.quantize.loss_batches)
+    return dataset_loss(model, batches, params.quantize.loss_batches, lanes=lane_count)
 
 
 def main(params: Params) -> None:
     from mlx_lm.utils import quantize_model, save_config, save_model
 
     fused_dir, q = Path(params.paths.fused), params.quantize
+    lane_count = lanes.count(params.train.batch_size)  # each loss batch's rows over CPU streams
+    lanes.prepare(lane_count)  # before the first eval: MLX reads the setting once
     model, tokenizer = load_model(params.paths, "fused")
-    before = validation_loss(model, tokenizer, params)
+    before = validation_loss(model, tokenizer, params, lane_count)
     config = json.loads((fused_dir / "config.json").read_text())
     model, config = quantize_model(model, config, q.group_size, q.bits, mode=q.mode)
     with atomic_dir(Path(params.paths.quantized)) as out:
@@ -43,7 +46,7 @@ def main(params: Params) -> None:
         tokenizer.save_pretrained(str(out))
         size = folder_bytes(out)
     # Saved first: on the CPU, cpu_friendly() dequantizes the model in place.
-    after = validation_loss(cpu_friendly(model), tokenizer, params)
+    after = validation_loss(cpu_friendly(model), tokenizer, params, lane_count)
     metrics = {
         "bits": q.bits,
         "group_size": q.group_size,
