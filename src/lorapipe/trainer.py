@@ -425,7 +425,7 @@ class TrainingRun:
         """Validation loss, the best adapter so far; True when early stopping's patience is out."""
         state, train = self.state, self.train
         self.model.eval()
-        # On lanes as the steps run (validation batches have training's rows a process).
+        # On the run's lanes, as its steps (fewer where a batch has fewer rows: dataset_loss).
         val_loss = dataset_loss(
             self.model, self.valid_batches, train.val_batches, self.world, self.lanes
         )
