@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,12 +68,21 @@ def test_a_prefix_all_prompts_share_is_prefilled_once(
     prompts.append(system + tokenizer.encode("hi")[:1])
     budgets = [8, 3, 8, 5, 8, 1, 8, 6]
     monkeypatch.setattr(decode, "SHARED_PREFIX_SAVING", 8)  # the tiny case's shares are small
-    prefilled = []
+    shares = []  # each prefill share: its prefixes and the shapes of the model's inputs
     original = decode._prefill_rows
 
-    def recording(model: object, prefixes: list[list[int]]) -> list[object]:
-        prefilled.append((decode._shared_length(prefixes), len(prefixes)))
-        return original(model, prefixes)
+    def recording(model: Any, prefixes: list[list[int]]) -> list[object]:
+        inputs: list[tuple[int, ...]] = []
+
+        class Watched:  # the model, noting what each forward pass is given
+            layers = model.layers
+
+            def __call__(self, tokens: Any, cache: Any) -> Any:
+                inputs.append(tuple(tokens.shape))
+                return model(tokens, cache=cache)
+
+        shares.append((prefixes, inputs))
+        return original(Watched(), prefixes)
 
     monkeypatch.setattr(decode, "_prefill_rows", recording)
     generation = generate_batch(model, tokenizer, prompts, budgets, batch_size=8, lanes=lanes)
@@ -80,9 +90,14 @@ def test_a_prefix_all_prompts_share_is_prefilled_once(
 
     assert generation.texts == expected.texts
     assert generation.tokens == expected.stats.generation_tokens
-    # every share started with the whole system prompt, and sent it through the model once
-    assert prefilled and all(shared >= len(system) for shared, _ in prefilled)
-    assert all(shared * (rows - 1) >= decode.SHARED_PREFIX_SAVING for shared, rows in prefilled)
+    # each share sent the tokens its rows start with (the whole system prompt at least) through
+    # the model once, for one row, then only each row's own tokens
+    assert shares
+    for prefixes, inputs in shares:
+        shared = decode._shared_length(prefixes)
+        own = max(len(p) for p in prefixes) - shared
+        assert shared >= len(system)
+        assert inputs == [(1, shared)] + ([(len(prefixes), own)] if own else [])
     mx.clear_cache()
 
 
